@@ -1,0 +1,345 @@
+import { readFileSync } from 'node:fs'
+import { homedir } from 'node:os'
+import { isAbsolute, join, resolve } from 'node:path'
+import { z } from 'zod'
+import { ConfigError } from './errors.js'
+
+export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'
+const LOG_LEVELS: readonly LogLevel[] = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']
+
+export interface HostPort { host: string, port: number }
+
+export interface UpstreamConfig {
+  name: string
+  url: string
+  credentials?: { username: string, password: string }
+  /** Share content pulled with these credentials with peers anyway. */
+  shareWithPeers: boolean
+}
+
+/** The daemon's whole configuration, validated once and frozen. */
+export interface Config {
+  listen: HostPort
+  dataDir: string
+  upstreams: UpstreamConfig[]
+  defaultUpstream: string
+  tagTtlMs: number
+  logLevel: LogLevel
+  upstreamTimeouts: { connectMs: number, headersMs: number, bodyIdleMs: number }
+  upstreamMaxAttempts: number
+  mesh: {
+    enabled: boolean
+    mdns: boolean
+    bootstrap: string[]
+    p2pListen: string[]
+    /** Where peers fetch blobs from this node (the data path). */
+    peerListen: HostPort
+    meshKeyFile?: string
+    /** How long a peer may take to start sending before the next source is tried. */
+    peerTimeoutMs: number
+  }
+}
+
+/** Raw settings as they arrive from a flag, the environment or the config file. */
+export interface RawSettings {
+  listen?: string
+  dataDir?: string
+  upstream?: string[]
+  defaultUpstream?: string
+  credentialsFile?: string
+  tagTtl?: string
+  logLevel?: string
+  mdns?: boolean | string
+  mesh?: boolean | string
+  bootstrap?: string[]
+  p2pListen?: string[]
+  peerListen?: string
+  meshKey?: string
+  peerTimeout?: string
+  upstreamConnectTimeout?: string
+  upstreamHeadersTimeout?: string
+  upstreamBodyTimeout?: string
+  upstreamRetries?: string
+  shareCredentialed?: string[]
+}
+
+/** The environment variables read, each mapped to a setting. Lists are comma-separated. */
+export const ENV_VARS: Record<string, keyof RawSettings> = {
+  PULLMESH_LISTEN: 'listen',
+  PULLMESH_DATA_DIR: 'dataDir',
+  PULLMESH_UPSTREAMS: 'upstream',
+  PULLMESH_DEFAULT_UPSTREAM: 'defaultUpstream',
+  PULLMESH_CREDENTIALS_FILE: 'credentialsFile',
+  PULLMESH_TAG_TTL: 'tagTtl',
+  PULLMESH_LOG_LEVEL: 'logLevel',
+  PULLMESH_MDNS: 'mdns',
+  PULLMESH_MESH: 'mesh',
+  PULLMESH_BOOTSTRAP: 'bootstrap',
+  PULLMESH_P2P_LISTEN: 'p2pListen',
+  PULLMESH_PEER_LISTEN: 'peerListen',
+  PULLMESH_MESH_KEY: 'meshKey',
+  PULLMESH_PEER_TIMEOUT: 'peerTimeout',
+  PULLMESH_UPSTREAM_CONNECT_TIMEOUT: 'upstreamConnectTimeout',
+  PULLMESH_UPSTREAM_HEADERS_TIMEOUT: 'upstreamHeadersTimeout',
+  PULLMESH_UPSTREAM_BODY_TIMEOUT: 'upstreamBodyTimeout',
+  PULLMESH_UPSTREAM_RETRIES: 'upstreamRetries',
+  PULLMESH_SHARE_CREDENTIALED: 'shareCredentialed',
+}
+const LIST_SETTINGS = new Set<keyof RawSettings>(['upstream', 'bootstrap', 'p2pListen', 'shareCredentialed'])
+
+export const DEFAULTS = {
+  listen: '127.0.0.1:5000',
+  upstream: ['docker.io=https://registry-1.docker.io'],
+  tagTtl: '5m',
+  logLevel: 'info',
+  p2pListen: ['/ip4/0.0.0.0/tcp/4001'],
+  peerListen: '0.0.0.0:5050',
+  peerTimeout: '500ms',
+  upstreamConnectTimeout: '10s',
+  upstreamHeadersTimeout: '30s',
+  upstreamBodyTimeout: '60s',
+  upstreamRetries: '3',
+} as const
+
+export function defaultDataDir (env: Record<string, string | undefined>): string {
+  const base = env.XDG_DATA_HOME !== undefined && isAbsolute(env.XDG_DATA_HOME)
+    ? env.XDG_DATA_HOME
+    : join(env.HOME ?? homedir(), '.local', 'share')
+  return join(base, 'pullmesh')
+}
+
+/** Reads PULLMESH_* variables into raw settings. */
+export function settingsFromEnv (env: Record<string, string | undefined>): RawSettings {
+  const out: Record<string, unknown> = {}
+  for (const [name, key] of Object.entries(ENV_VARS)) {
+    const v = env[name]
+    if (v === undefined || v === '') continue
+    out[key] = LIST_SETTINGS.has(key) ? v.split(',').map(s => s.trim()).filter(Boolean) : v
+  }
+  return out as RawSettings
+}
+
+const fileSchema = z.object({
+  listen: z.string(),
+  dataDir: z.string(),
+  upstream: z.array(z.string()),
+  upstreams: z.record(z.string(), z.string()),
+  defaultUpstream: z.string(),
+  credentialsFile: z.string(),
+  tagTtl: z.union([z.string(), z.number()]),
+  logLevel: z.string(),
+  mdns: z.boolean(),
+  mesh: z.boolean(),
+  bootstrap: z.array(z.string()),
+  p2pListen: z.array(z.string()),
+  peerListen: z.string(),
+  meshKey: z.string(),
+  peerTimeout: z.union([z.string(), z.number()]),
+  upstreamConnectTimeout: z.union([z.string(), z.number()]),
+  upstreamHeadersTimeout: z.union([z.string(), z.number()]),
+  upstreamBodyTimeout: z.union([z.string(), z.number()]),
+  upstreamRetries: z.union([z.string(), z.number()]),
+  shareCredentialed: z.array(z.string()),
+}).partial().strict()
+
+/** Reads a JSON config file. Problems are pushed onto `problems`; relative paths resolve against the file. */
+export function settingsFromFile (path: string, problems: string[]): RawSettings {
+  let doc: unknown
+  try {
+    doc = JSON.parse(readFileSync(path, 'utf8'))
+  } catch (err) {
+    problems.push(`config file ${path}: ${(err as Error).message}`)
+    return {}
+  }
+  const parsed = fileSchema.safeParse(doc)
+  if (!parsed.success) {
+    for (const i of parsed.error.issues) problems.push(`config file ${path}: ${i.path.join('.') || '(root)'}: ${i.message}`)
+    return {}
+  }
+  const d = parsed.data
+  const str = (v: string | number | undefined): string | undefined => v === undefined ? undefined : String(v)
+  const dir = resolve(path, '..')
+  const rel = (p: string | undefined): string | undefined => p === undefined ? undefined : resolve(dir, p)
+  return {
+    listen: d.listen,
+    dataDir: rel(d.dataDir),
+    upstream: [...(d.upstream ?? []), ...Object.entries(d.upstreams ?? {}).map(([k, v]) => `${k}=${v}`)],
+    defaultUpstream: d.defaultUpstream,
+    credentialsFile: rel(d.credentialsFile),
+    tagTtl: str(d.tagTtl),
+    logLevel: d.logLevel,
+    mdns: d.mdns,
+    mesh: d.mesh,
+    bootstrap: d.bootstrap,
+    p2pListen: d.p2pListen,
+    peerListen: d.peerListen,
+    meshKey: rel(d.meshKey),
+    peerTimeout: str(d.peerTimeout),
+    upstreamConnectTimeout: str(d.upstreamConnectTimeout),
+    upstreamHeadersTimeout: str(d.upstreamHeadersTimeout),
+    upstreamBodyTimeout: str(d.upstreamBodyTimeout),
+    upstreamRetries: str(d.upstreamRetries),
+    shareCredentialed: d.shareCredentialed,
+  }
+}
+
+/** Later sources win: defaults < file < environment < flags. Empty lists do not override. */
+export function mergeSettings (...layers: RawSettings[]): RawSettings {
+  const out: Record<string, unknown> = {}
+  for (const layer of layers) {
+    for (const [k, v] of Object.entries(layer)) {
+      if (v === undefined) continue
+      if (Array.isArray(v) && v.length === 0) continue
+      out[k] = v
+    }
+  }
+  return out as RawSettings
+}
+
+/** Parses `1h`, `5m`, `30s`, `250ms`, `2d`, or a bare number of seconds. */
+export function parseDuration (s: string): number | undefined {
+  const m = /^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$/.exec(s.trim())
+  if (m === null) return undefined
+  const n = Number(m[1])
+  const unit = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 }[m[2] as 'ms' | 's' | 'm' | 'h' | 'd' ?? 's']
+  const ms = Math.round(n * unit)
+  return Number.isFinite(ms) ? ms : undefined
+}
+
+export function parseHostPort (s: string): HostPort | undefined {
+  const m = /^(?:\[([0-9a-fA-F:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})$/.exec(s.trim())
+  if (m === null) return undefined
+  const port = Number(m[3])
+  if (port > 65535) return undefined
+  return { host: m[1] ?? m[2]!, port }
+}
+
+const UPSTREAM_NAME = /^(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::\d{1,5})?$/
+
+function bool (v: boolean | string | undefined, name: string, problems: string[]): boolean | undefined {
+  if (v === undefined || typeof v === 'boolean') return v
+  if (/^(1|true|yes|on)$/i.test(v)) return true
+  if (/^(0|false|no|off)$/i.test(v)) return false
+  problems.push(`${name}: expected true or false, got "${v}"`)
+  return undefined
+}
+
+/**
+ * Validates merged settings into a frozen Config. Every problem is collected and reported at once
+ * in one ConfigError. Files named by settings (credentials) are read here.
+ */
+export function buildConfig (raw: RawSettings, env: Record<string, string | undefined>, preProblems: string[] = []): Readonly<Config> {
+  const problems = [...preProblems]
+  const s = mergeSettings(DEFAULTS as unknown as RawSettings, raw)
+
+  const listen = parseHostPort(s.listen!)
+  if (listen === undefined) problems.push(`listen: expected HOST:PORT, got "${s.listen}"`)
+  const peerListen = parseHostPort(s.peerListen!)
+  if (peerListen === undefined) problems.push(`peer-listen: expected HOST:PORT, got "${s.peerListen}"`)
+
+  const dur = (name: string, v: string | undefined, min: number): number => {
+    const ms = parseDuration(v ?? '')
+    if (ms === undefined || ms < min) { problems.push(`${name}: expected a duration such as 30s, 5m or 1h (at least ${min} ms), got "${v}"`); return 0 }
+    return ms
+  }
+  const tagTtlMs = dur('tag-ttl', s.tagTtl, 0)
+  const peerTimeoutMs = dur('peer-timeout', s.peerTimeout, 10)
+  const connectMs = dur('upstream-connect-timeout', s.upstreamConnectTimeout, 10)
+  const headersMs = dur('upstream-headers-timeout', s.upstreamHeadersTimeout, 10)
+  const bodyIdleMs = dur('upstream-body-timeout', s.upstreamBodyTimeout, 10)
+  const retries = Number(s.upstreamRetries)
+  if (!Number.isInteger(retries) || retries < 1 || retries > 10) problems.push(`upstream-retries: expected an attempt count from 1 to 10, got "${s.upstreamRetries}"`)
+
+  const logLevel = (s.logLevel ?? 'info').toLowerCase() as LogLevel
+  if (!LOG_LEVELS.includes(logLevel)) problems.push(`log-level: expected one of ${LOG_LEVELS.join(', ')}, got "${s.logLevel}"`)
+
+  const upstreams: UpstreamConfig[] = []
+  const names = new Set<string>()
+  // Flags replace the default list rather than adding to it.
+  for (const spec of s.upstream ?? []) {
+    const eq = spec.indexOf('=')
+    const name = eq > 0 ? spec.slice(0, eq).trim().toLowerCase() : ''
+    const url = eq > 0 ? spec.slice(eq + 1).trim() : ''
+    if (!UPSTREAM_NAME.test(name)) { problems.push(`upstream: expected NAME=URL with a registry host name such as ghcr.io, got "${spec}"`); continue }
+    let parsed: URL | undefined
+    try { parsed = new URL(url) } catch { parsed = undefined }
+    if (parsed === undefined || !['http:', 'https:'].includes(parsed.protocol) || parsed.username !== '' || parsed.password !== '' || parsed.search !== '' || parsed.hash !== '') {
+      problems.push(`upstream ${name}: expected an http(s) URL without credentials or query, got "${url}"`)
+      continue
+    }
+    if (names.has(name)) { problems.push(`upstream ${name}: configured twice`); continue }
+    names.add(name)
+    upstreams.push({ name, url: parsed.origin + parsed.pathname.replace(/\/+$/, ''), shareWithPeers: false })
+  }
+  if (upstreams.length === 0 && !problems.some(p => p.startsWith('upstream'))) problems.push('upstream: at least one upstream is needed')
+
+  const defaultUpstream = (s.defaultUpstream ?? upstreams[0]?.name ?? '').toLowerCase()
+  if (upstreams.length > 0 && !names.has(defaultUpstream)) problems.push(`default-upstream: "${defaultUpstream}" is not a configured upstream (${[...names].join(', ')})`)
+
+  if (s.credentialsFile !== undefined) readCredentials(s.credentialsFile, upstreams, problems)
+  for (const name of s.shareCredentialed ?? []) {
+    const u = upstreams.find(x => x.name === name.toLowerCase())
+    if (u === undefined) problems.push(`share-credentialed: "${name}" is not a configured upstream`)
+    else u.shareWithPeers = true
+  }
+
+  const mdns = bool(s.mdns, 'mdns', problems) ?? true
+  const meshEnabled = bool(s.mesh, 'mesh', problems) ?? true
+  for (const a of [...(s.bootstrap ?? []), ...(s.p2pListen ?? [])]) {
+    if (!/^\/(ip4|ip6|dns|dns4|dns6)\/[^/]+\/tcp\/\d+(\/p2p\/[A-Za-z0-9]+)?$/.test(a)) problems.push(`multiaddr: expected /ip4/HOST/tcp/PORT[/p2p/ID], got "${a}"`)
+  }
+
+  if (problems.length > 0) throw new ConfigError(problems)
+
+  const config: Config = {
+    listen: listen!,
+    dataDir: resolve(s.dataDir ?? defaultDataDir(env)),
+    upstreams,
+    defaultUpstream,
+    tagTtlMs,
+    logLevel,
+    upstreamTimeouts: { connectMs, headersMs, bodyIdleMs },
+    upstreamMaxAttempts: retries,
+    mesh: {
+      enabled: meshEnabled,
+      mdns,
+      bootstrap: s.bootstrap ?? [],
+      p2pListen: s.p2pListen ?? [],
+      peerListen: peerListen!,
+      ...(s.meshKey !== undefined ? { meshKeyFile: resolve(s.meshKey) } : {}),
+      peerTimeoutMs,
+    },
+  }
+  return deepFreeze(config)
+}
+
+const credentialsSchema = z.record(z.string(), z.object({ username: z.string().min(1), password: z.string() }).strict())
+
+function readCredentials (path: string, upstreams: UpstreamConfig[], problems: string[]): void {
+  let doc: unknown
+  try {
+    doc = JSON.parse(readFileSync(path, 'utf8'))
+  } catch (err) {
+    // Never echo the file's contents: it holds secrets.
+    problems.push(`credentials-file ${path}: cannot read it as JSON (${(err as NodeJS.ErrnoException).code ?? 'syntax error'})`)
+    return
+  }
+  const parsed = credentialsSchema.safeParse(doc)
+  if (!parsed.success) {
+    problems.push(`credentials-file ${path}: expected {"<upstream>": {"username": "...", "password": "..."}}`)
+    return
+  }
+  for (const [name, cred] of Object.entries(parsed.data)) {
+    const u = upstreams.find(x => x.name === name.toLowerCase())
+    if (u === undefined) problems.push(`credentials-file ${path}: "${name}" is not a configured upstream`)
+    else u.credentials = cred
+  }
+}
+
+function deepFreeze<T> (o: T): T {
+  if (o !== null && typeof o === 'object') {
+    for (const v of Object.values(o)) deepFreeze(v)
+    Object.freeze(o)
+  }
+  return o
+}

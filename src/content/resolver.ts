@@ -1,0 +1,313 @@
+import type { Readable } from 'node:stream'
+import type { Logger } from '../logger.js'
+import type { Metrics } from '../metrics.js'
+import type { BlobStore, TagRecord } from '../store/types.js'
+import type { UpstreamClient } from '../upstream/types.js'
+import type { Digest } from '../oci/digest.js'
+import type { Reference, Target } from '../oci/reference.js'
+import type { ByteRange } from '../oci/range.js'
+import type { BlobHandle, ContentOrigin, ManifestResult, PeerContent } from './types.js'
+import { digestOf, sha256Of, tryParseDigest } from '../oci/digest.js'
+import { INDEX_MEDIA_TYPES, MAX_MANIFEST_BYTES, SINGLE_MANIFEST_MEDIA_TYPES, accepts, sniffManifestMediaType } from '../oci/media-types.js'
+import { NotFoundError, OciError, UpstreamError, UpstreamProtocolError, VerificationError, blobUnknown, manifestUnknown } from '../errors.js'
+import { Fill, type FillSource } from './fill.js'
+
+export interface ResolverInit {
+  /** A tag mapping younger than this is answered from the index without asking the upstream. */
+  tagTtlMs: number
+  /** Upstreams whose credentialed content may still be shared with peers. */
+  shareCredentialed?: ReadonlySet<string>
+}
+
+export interface ResolverComponents {
+  store: BlobStore
+  upstreams: ReadonlyMap<string, UpstreamClient>
+  /** The mesh, when there is one. */
+  peers?: PeerContent
+  logger: Logger
+  metrics: Metrics
+  now?: () => number
+}
+
+export interface Resolver {
+  manifest (target: Target, ref: Reference, accept: string[], signal?: AbortSignal): Promise<ManifestResult>
+  blob (target: Target, digest: Digest, signal?: AbortSignal): Promise<BlobHandle>
+  start (): void
+  /** Aborts running fills and waits for them to clean up. */
+  stop (): Promise<void>
+  /** Digests being filled right now (they must not be evicted). */
+  activeFills (): Digest[]
+}
+
+/**
+ * The one place that decides where content comes from: local store, then peers, then the upstream.
+ * Every fill is verified before it becomes visible in the store; concurrent requests share one fill.
+ */
+export function createResolver (components: ResolverComponents, init: ResolverInit): Resolver {
+  const { store, upstreams, peers, metrics } = components
+  const log = components.logger.child({ component: 'resolver' })
+  const now = components.now ?? Date.now
+  const fills = new Map<Digest, Fill>()
+  const manifestFlights = new Map<string, Promise<ManifestResult>>()
+  let lifetime = new AbortController()
+
+  function upstreamFor (target: Target): UpstreamClient {
+    const up = upstreams.get(target.upstream)
+    if (up === undefined) throw new OciError('NAME_UNKNOWN', 404, 'upstream is not configured', { upstream: target.upstream })
+    return up
+  }
+
+  function isPrivate (up: UpstreamClient): boolean {
+    return up.authenticated && !(init.shareCredentialed?.has(up.name) ?? false)
+  }
+
+  const repoKey = (t: Target): string => `${t.upstream}/${t.repo}`
+
+  // ---------------------------------------------------------------- manifests
+
+  async function manifest (target: Target, ref: Reference, accept: string[], signal?: AbortSignal): Promise<ManifestResult> {
+    const key = `${repoKey(target)}@${ref.kind === 'tag' ? ref.tag : ref.digest}`
+    let flight = manifestFlights.get(key)
+    if (flight === undefined) {
+      flight = (ref.kind === 'digest' ? manifestByDigest(target, ref.digest) : manifestByTag(target, ref.tag))
+        .finally(() => manifestFlights.delete(key))
+      manifestFlights.set(key, flight)
+    }
+    const m = await flight
+    signal?.throwIfAborted()
+    return negotiate(target, m, accept, signal)
+  }
+
+  /** Serves what the client accepts: an index to a client that takes only single manifests gets the linux/amd64 one. */
+  async function negotiate (target: Target, m: ManifestResult, accept: string[], signal?: AbortSignal): Promise<ManifestResult> {
+    if (accepts(accept, m.mediaType)) return m
+    if (INDEX_MEDIA_TYPES.includes(m.mediaType) && SINGLE_MANIFEST_MEDIA_TYPES.some(t => accepts(accept, t))) {
+      const d = pickDefaultPlatform(m.body)
+      if (d !== undefined) return await manifest(target, { kind: 'digest', digest: d }, accept, signal)
+    }
+    throw manifestUnknown({ reason: 'the manifest exists but not in a media type the client accepts', mediaType: m.mediaType, accept })
+  }
+
+  async function fromStore (digest: Digest, repo: string): Promise<ManifestResult | undefined> {
+    const info = await store.stat(digest)
+    if (info === undefined) return undefined
+    const body = await store.readBuffer(digest, MAX_MANIFEST_BYTES)
+    if (body === undefined) return undefined
+    store.touch(digest, repo)
+    return { body, mediaType: info.mediaType, digest, source: 'store' }
+  }
+
+  async function manifestByDigest (target: Target, digest: Digest): Promise<ManifestResult> {
+    const local = await fromStore(digest, repoKey(target))
+    if (local !== undefined) {
+      metrics.cacheLookups.inc({ kind: 'manifest', result: 'hit' })
+      return local
+    }
+    metrics.cacheLookups.inc({ kind: 'manifest', result: 'miss' })
+    const fromPeer = await manifestFromPeers(target, digest, lifetime.signal)
+    if (fromPeer !== undefined) return fromPeer
+    const up = upstreamFor(target)
+    const res = await up.getManifest(target.repo, digest, { signal: lifetime.signal })
+    if (res === undefined) throw manifestUnknown({ digest })
+    const actual = digestOf(res.body, digest)
+    if (actual !== digest) {
+      metrics.verificationFailures.inc({ source: 'upstream' })
+      throw new UpstreamProtocolError(up.name, `manifest fetched by digest ${digest} hashes to ${actual}`)
+    }
+    return await keepManifest(target, digest, res.body, res.mediaType, isPrivate(up), 'upstream')
+  }
+
+  async function manifestFromPeers (target: Target, digest: Digest, signal: AbortSignal): Promise<ManifestResult | undefined> {
+    if (peers === undefined) return undefined
+    const body = await peers.fetchSmall(digest, MAX_MANIFEST_BYTES, signal).catch(() => undefined)
+    if (body === undefined) return undefined
+    if (digestOf(body, digest) !== digest) {
+      metrics.verificationFailures.inc({ source: 'peer' })
+      return undefined
+    }
+    const mediaType = sniffManifestMediaType(body)
+    if (mediaType === undefined) return undefined
+    metrics.meshHits.inc({ kind: 'manifest' })
+    return await keepManifest(target, digest, body, mediaType, false, 'peer')
+  }
+
+  async function keepManifest (target: Target, digest: Digest, body: Buffer, mediaType: string, priv: boolean, source: ContentOrigin): Promise<ManifestResult> {
+    const type = SINGLE_MANIFEST_MEDIA_TYPES.includes(mediaType) || INDEX_MEDIA_TYPES.includes(mediaType)
+      ? mediaType
+      : (sniffManifestMediaType(body) ?? mediaType)
+    await store.putBuffer(digest, body, { mediaType: type, repo: repoKey(target), private: priv })
+    return { body, mediaType: type, digest, source }
+  }
+
+  async function manifestByTag (target: Target, tag: string): Promise<ManifestResult> {
+    const up = upstreamFor(target)
+    const rec = await store.getTag(target.upstream, target.repo, tag)
+    const cached = rec !== undefined ? await fromStore(rec.digest, repoKey(target)) : undefined
+    if (rec !== undefined && cached !== undefined && now() - rec.verifiedAt < init.tagTtlMs) {
+      metrics.cacheLookups.inc({ kind: 'manifest', result: 'hit' })
+      return cached
+    }
+    try {
+      if (rec !== undefined && cached !== undefined) {
+        // Revalidate: a HEAD is enough when the digest has not moved.
+        const head = await up.headManifest(target.repo, tag, { signal: lifetime.signal })
+        if (head === undefined) {
+          await store.deleteTag(target.upstream, target.repo, tag)
+          throw manifestUnknown({ tag })
+        }
+        if (head.digest === rec.digest) {
+          await store.putTag(target.upstream, target.repo, tag, { ...rec, verifiedAt: now() })
+          metrics.cacheLookups.inc({ kind: 'manifest', result: 'hit' })
+          return cached
+        }
+      }
+      metrics.cacheLookups.inc({ kind: 'manifest', result: 'miss' })
+      const res = await up.getManifest(target.repo, tag, { signal: lifetime.signal })
+      if (res === undefined) {
+        if (rec !== undefined) await store.deleteTag(target.upstream, target.repo, tag)
+        throw manifestUnknown({ tag })
+      }
+      const digest = sha256Of(res.body)
+      const claimed = res.digest !== undefined ? tryParseDigest(res.digest) : undefined
+      if (claimed !== undefined && digestOf(res.body, claimed) !== claimed) {
+        metrics.verificationFailures.inc({ source: 'upstream' })
+        throw new UpstreamProtocolError(up.name, `manifest for tag ${tag} does not match its Docker-Content-Digest`)
+      }
+      const kept = await keepManifest(target, digest, res.body, res.mediaType, isPrivate(up), 'upstream')
+      await store.putTag(target.upstream, target.repo, tag, {
+        digest, mediaType: kept.mediaType, size: res.body.length, verifiedAt: now(), private: isPrivate(up),
+      })
+      return kept
+    } catch (err) {
+      if (!(err instanceof UpstreamError)) throw err
+      const stale = await staleAnswer(target, tag, rec, cached, err)
+      if (stale !== undefined) return stale
+      throw err
+    }
+  }
+
+  /** The upstream failed: the freshest verified record, ours or a peer's, answers (stale-if-error). */
+  async function staleAnswer (target: Target, tag: string, rec: TagRecord | undefined, cached: ManifestResult | undefined, err: UpstreamError): Promise<ManifestResult | undefined> {
+    const candidates: Array<{ record: TagRecord, local: boolean }> = []
+    if (rec !== undefined && cached !== undefined) candidates.push({ record: rec, local: true })
+    for (const r of peers?.tagRecords(target.upstream, target.repo, tag) ?? []) candidates.push({ record: r, local: false })
+    candidates.sort((a, b) => b.record.verifiedAt - a.record.verifiedAt)
+    for (const c of candidates) {
+      const m = c.local ? cached : await manifestByDigestQuiet(target, c.record.digest)
+      if (m === undefined) continue
+      if (!c.local) await store.putTag(target.upstream, target.repo, tag, { ...c.record, private: false })
+      metrics.staleServed.inc({ upstream: target.upstream })
+      log.warn({ upstream: target.upstream, repo: target.repo, tag, digest: c.record.digest, verifiedAt: new Date(c.record.verifiedAt).toISOString(), from: c.local ? 'local' : 'mesh', err: err.code }, 'upstream failed; serving cached tag (stale-if-error)')
+      return m
+    }
+    return undefined
+  }
+
+  async function manifestByDigestQuiet (target: Target, digest: Digest): Promise<ManifestResult | undefined> {
+    return await fromStore(digest, repoKey(target)) ?? await manifestFromPeers(target, digest, lifetime.signal)
+  }
+
+  // ---------------------------------------------------------------- blobs
+
+  async function blob (target: Target, digest: Digest, signal?: AbortSignal): Promise<BlobHandle> {
+    const info = await store.stat(digest)
+    if (info !== undefined) {
+      metrics.cacheLookups.inc({ kind: 'blob', result: 'hit' })
+      store.touch(digest, repoKey(target))
+      return {
+        digest,
+        size: info.size,
+        source: 'store',
+        open: async (range?: ByteRange): Promise<Readable> => {
+          const s = await store.createReadStream(digest, range)
+          if (s === undefined) throw blobUnknown({ digest, reason: 'evicted while being requested; retry' })
+          return s
+        },
+      }
+    }
+    metrics.cacheLookups.inc({ kind: 'blob', result: 'miss' })
+    let fill = fills.get(digest)
+    if (fill === undefined) fill = startFill(target, digest)
+    let size: number
+    try {
+      size = await raceSignal(fill.whenSized(), signal)
+    } catch (err) {
+      if (signal?.aborted === true) throw err
+      throw mapFillError(err, digest)
+    }
+    const f = fill
+    return { digest, size, source: 'fill', open: async (range?: ByteRange) => f.createReader(range) }
+  }
+
+  function startFill (target: Target, digest: Digest): Fill {
+    const up = upstreamFor(target)
+    const priv = isPrivate(up)
+    const fill = new Fill(digest, store, { mediaType: 'application/octet-stream', repo: repoKey(target), private: priv })
+    fills.set(digest, fill)
+    metrics.fillsActive.inc()
+    const upstreamSource: FillSource = {
+      label: `upstream:${up.name}`,
+      kind: 'upstream',
+      streamable: true,
+      open: async (sig) => await up.getBlob(target.repo, digest, { signal: sig }),
+    }
+    const sources = [...(peers?.blobSources(digest) ?? []), upstreamSource]
+    const started = now()
+    void fill.run(sources, lifetime.signal).then(() => {
+      fills.delete(digest)
+      metrics.fillsActive.dec()
+      if (fill.state === 'done') {
+        if (fill.source?.kind === 'peer') metrics.meshHits.inc({ kind: 'blob' })
+        log.info({ digest, repo: repoKey(target), bytes: fill.size, ms: now() - started, source: fill.source?.label }, 'blob cached')
+      } else {
+        if (fill.error instanceof VerificationError) metrics.verificationFailures.inc({ source: 'upstream' })
+        const e = fill.error as { code?: string, message?: string }
+        log.warn({ digest, repo: repoKey(target), err: e?.code ?? e?.message, ms: now() - started }, 'blob fill failed; nothing cached')
+      }
+    })
+    return fill
+  }
+
+  function mapFillError (err: unknown, digest: Digest): unknown {
+    return err instanceof NotFoundError ? blobUnknown({ digest }) : err
+  }
+
+  return {
+    manifest,
+    blob,
+    start () {
+      if (lifetime.signal.aborted) lifetime = new AbortController()
+    },
+    async stop () {
+      lifetime.abort(new Error('pullmesh is shutting down'))
+      await Promise.allSettled([...fills.values()].map(async f => await f.whenEnded()))
+    },
+    activeFills: () => [...fills.keys()],
+  }
+}
+
+function pickDefaultPlatform (indexBody: Buffer): Digest | undefined {
+  try {
+    const doc = JSON.parse(indexBody.toString('utf8')) as { manifests?: Array<{ digest?: string, platform?: { os?: string, architecture?: string } }> }
+    const list = Array.isArray(doc.manifests) ? doc.manifests : []
+    const best = list.find(m => m.platform?.os === 'linux' && m.platform.architecture === 'amd64') ?? list[0]
+    return typeof best?.digest === 'string' ? tryParseDigest(best.digest) : undefined
+  } catch {
+    return undefined
+  }
+}
+
+async function raceSignal<T> (p: Promise<T>, signal?: AbortSignal): Promise<T> {
+  if (signal === undefined) return await p
+  signal.throwIfAborted()
+  let onAbort!: () => void
+  const aborted = new Promise<never>((_resolve, reject) => {
+    onAbort = () => reject(signal.reason)
+    signal.addEventListener('abort', onAbort, { once: true })
+  })
+  try {
+    return await Promise.race([p, aborted])
+  } finally {
+    signal.removeEventListener('abort', onAbort)
+  }
+}

@@ -1,0 +1,107 @@
+import Fastify, { type FastifyInstance, type FastifyError, type FastifyReply } from 'fastify'
+import type { Logger } from '../logger.js'
+import type { Metrics } from '../metrics.js'
+import type { Resolver } from '../content/resolver.js'
+import type { RoutingInit } from '../oci/reference.js'
+import {
+  NotFoundError, OciError, UpstreamDeniedError, UpstreamProtocolError, UpstreamRateLimitedError,
+  UpstreamUnavailableError, VerificationError,
+} from '../errors.js'
+import { registerRegistryRoutes } from './registry-routes.js'
+
+export interface HttpComponents {
+  resolver: Resolver
+  metrics: Metrics
+  logger: Logger
+  /** Readiness: true once every part has started. */
+  ready: () => boolean
+  /** Extra routes (the mesh's status endpoint, for example). */
+  extraRoutes?: (app: FastifyInstance) => void
+}
+
+/** Builds the client-facing HTTP server: the registry API, health, readiness and metrics. */
+export function createHttpServer (c: HttpComponents, routing: RoutingInit): FastifyInstance {
+  const log = c.logger.child({ component: 'http' })
+  const app = Fastify({
+    logger: false,
+    routerOptions: { maxParamLength: 2048 },
+    forceCloseConnections: true,
+    return503OnClosing: true,
+    keepAliveTimeout: 65_000,
+    frameworkErrors: (err, _req, reply) => {
+      const e = new OciError('NAME_INVALID', 400, 'malformed request', { reason: err.message })
+      void (reply as FastifyReply).code(e.status).type('application/json').send(e.toBody())
+    },
+  })
+
+  app.addHook('onResponse', async (req, reply) => {
+    const route = routeLabel(req.raw.url ?? '')
+    const status = reply.statusCode
+    c.metrics.httpRequests.inc({ route, method: req.method, status: String(status) })
+    c.metrics.httpDuration.observe({ route }, reply.elapsedTime / 1000)
+    const fields = { method: req.method, url: req.raw.url, statusCode: status, ms: Math.round(reply.elapsedTime), remote: req.ip }
+    if (status >= 500) log.error(fields, 'request')
+    else log.info(fields, 'request')
+  })
+
+  app.setErrorHandler((err: FastifyError | Error, req, reply) => {
+    const e = toOciError(err)
+    if (e.status >= 500) log.error({ err, url: req.raw.url }, 'request failed')
+    if (reply.raw.headersSent) { reply.raw.destroy(); return }
+    void reply.code(e.status).headers(e.headers).type('application/json')
+    void reply.send(req.method === 'HEAD' ? undefined : e.toBody())
+  })
+  app.setNotFoundHandler((req, reply) => {
+    const e = new OciError('UNSUPPORTED', 404, 'no such endpoint', { method: req.method, path: (req.raw.url ?? '').slice(0, 200) })
+    void reply.code(404).type('application/json').send(e.toBody())
+  })
+
+  app.get('/healthz', async () => ({ status: 'ok' }))
+  app.get('/readyz', async (_req, reply) => c.ready() ? { status: 'ready' } : reply.code(503).send({ status: 'starting' }))
+  app.get('/metrics', async (_req, reply) => {
+    const body = await c.metrics.registry.metrics()
+    return reply.type(c.metrics.registry.contentType).send(body)
+  })
+
+  registerRegistryRoutes(app, { resolver: c.resolver, metrics: c.metrics }, routing)
+  c.extraRoutes?.(app)
+  return app
+}
+
+function routeLabel (url: string): string {
+  const path = url.split('?', 1)[0] ?? ''
+  if (path === '/v2/' || path === '/v2') return 'base'
+  if (/^\/v2\/.+\/manifests\//.test(path)) return 'manifest'
+  if (/^\/v2\/.+\/blobs\//.test(path)) return 'blob'
+  if (path.startsWith('/v2/')) return 'registry-other'
+  if (path.startsWith('/pullmesh/')) return 'pullmesh'
+  if (['/healthz', '/readyz', '/metrics'].includes(path)) return path.slice(1)
+  return 'other'
+}
+
+/** The one mapping from every error the daemon can raise to an OCI error body and status. */
+export function toOciError (err: unknown): OciError {
+  if (err instanceof OciError) return err
+  if (err instanceof UpstreamRateLimitedError) {
+    return new OciError('TOOMANYREQUESTS', 429, 'the upstream registry is rate-limiting; retry later', { upstream: err.upstream },
+      err.retryAfter !== undefined ? { 'retry-after': err.retryAfter } : {})
+  }
+  if (err instanceof UpstreamUnavailableError) {
+    return new OciError('UNAVAILABLE', 503, 'the upstream registry is unavailable and the content is not cached', { upstream: err.upstream, status: err.status })
+  }
+  if (err instanceof UpstreamDeniedError) {
+    return new OciError('DENIED', 403, 'the upstream registry denied access', { upstream: err.upstream, status: err.status })
+  }
+  if (err instanceof UpstreamProtocolError) {
+    return new OciError('UNAVAILABLE', 502, 'the upstream registry sent an invalid response', { upstream: err.upstream, reason: err.message })
+  }
+  if (err instanceof VerificationError) {
+    return new OciError('DIGEST_INVALID', 502, 'content failed digest verification and was discarded', { expected: err.expected })
+  }
+  if (err instanceof NotFoundError) return new OciError('BLOB_UNKNOWN', 404, 'blob unknown to registry')
+  const fe = err as FastifyError
+  if (typeof fe.statusCode === 'number' && fe.statusCode >= 400 && fe.statusCode < 500) {
+    return new OciError('UNSUPPORTED', fe.statusCode, fe.message)
+  }
+  return new OciError('UNAVAILABLE', 500, 'internal error')
+}

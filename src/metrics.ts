@@ -1,0 +1,53 @@
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client'
+
+/** Every metric the daemon exports, on a registry of its own (no global state). */
+export interface Metrics {
+  readonly registry: Registry
+  /** HTTP requests by route and status. */
+  readonly httpRequests: Counter<'route' | 'method' | 'status'>
+  readonly httpDuration: Histogram<'route'>
+  /** Cache lookups by kind (manifest|blob) and result (hit|miss). */
+  readonly cacheLookups: Counter<'kind' | 'result'>
+  /** Bytes sent to clients by source (store|fill|peer|upstream). */
+  readonly bytesServed: Counter<'source'>
+  /** Requests sent upstream by upstream name, method, kind and outcome status (or error code). */
+  readonly upstreamRequests: Counter<'upstream' | 'kind' | 'status'>
+  readonly upstreamErrors: Counter<'upstream' | 'code'>
+  readonly upstreamBytes: Counter<'upstream'>
+  /** Tag answers served stale because the upstream failed. */
+  readonly staleServed: Counter<'upstream'>
+  readonly storeBytes: Gauge
+  readonly storeBlobs: Gauge
+  readonly verificationFailures: Counter<'source'>
+  readonly fillsActive: Gauge
+  /** Mesh: peers connected, bytes exchanged with peers, mesh hits. */
+  readonly peersConnected: Gauge
+  readonly peerBytes: Counter<'direction'>
+  readonly meshHits: Counter<'kind'>
+  readonly peerErrors: Counter<'reason'>
+}
+
+export function createMetrics (): Metrics {
+  const registry = new Registry()
+  collectDefaultMetrics({ register: registry, prefix: 'pullmesh_process_' })
+  const r = [registry]
+  return {
+    registry,
+    httpRequests: new Counter({ name: 'pullmesh_http_requests_total', help: 'HTTP requests by route and status', labelNames: ['route', 'method', 'status'], registers: r }),
+    httpDuration: new Histogram({ name: 'pullmesh_http_request_duration_seconds', help: 'Time to response headers', labelNames: ['route'], buckets: [0.001, 0.005, 0.02, 0.1, 0.5, 2, 10], registers: r }),
+    cacheLookups: new Counter({ name: 'pullmesh_cache_lookups_total', help: 'Cache hits and misses by kind (manifest|blob)', labelNames: ['kind', 'result'], registers: r }),
+    bytesServed: new Counter({ name: 'pullmesh_bytes_served_total', help: 'Bytes sent to clients by source', labelNames: ['source'], registers: r }),
+    upstreamRequests: new Counter({ name: 'pullmesh_upstream_requests_total', help: 'Requests sent to upstream registries', labelNames: ['upstream', 'kind', 'status'], registers: r }),
+    upstreamErrors: new Counter({ name: 'pullmesh_upstream_errors_total', help: 'Upstream failures by error code', labelNames: ['upstream', 'code'], registers: r }),
+    upstreamBytes: new Counter({ name: 'pullmesh_upstream_bytes_total', help: 'Blob bytes received from upstream registries', labelNames: ['upstream'], registers: r }),
+    staleServed: new Counter({ name: 'pullmesh_stale_tags_served_total', help: 'Tag lookups answered from cache because the upstream failed', labelNames: ['upstream'], registers: r }),
+    storeBytes: new Gauge({ name: 'pullmesh_store_bytes', help: 'Bytes of verified content in the store', registers: r }),
+    storeBlobs: new Gauge({ name: 'pullmesh_store_blobs', help: 'Blobs and manifests in the store', registers: r }),
+    verificationFailures: new Counter({ name: 'pullmesh_verification_failures_total', help: 'Content rejected because its digest or size was wrong', labelNames: ['source'], registers: r }),
+    fillsActive: new Gauge({ name: 'pullmesh_fills_active', help: 'Cache fills in progress', registers: r }),
+    peersConnected: new Gauge({ name: 'pullmesh_mesh_peers_connected', help: 'Mesh peers connected', registers: r }),
+    peerBytes: new Counter({ name: 'pullmesh_mesh_peer_bytes_total', help: 'Bytes exchanged with peers (direction: in|out)', labelNames: ['direction'], registers: r }),
+    meshHits: new Counter({ name: 'pullmesh_mesh_hits_total', help: 'Misses served from a peer', labelNames: ['kind'], registers: r }),
+    peerErrors: new Counter({ name: 'pullmesh_mesh_peer_errors_total', help: 'Peer fetch failures by reason', labelNames: ['reason'], registers: r }),
+  }
+}

@@ -1,0 +1,71 @@
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { describe, expect, it } from 'vitest'
+import { buildConfig, mergeSettings, parseDuration, parseHostPort, settingsFromEnv, settingsFromFile } from '../../src/config.js'
+import { ConfigError } from '../../src/errors.js'
+
+const env = { HOME: '/home/u' }
+
+describe('config', () => {
+  it('has working defaults', () => {
+    const c = buildConfig({}, env)
+    expect(c.listen).toEqual({ host: '127.0.0.1', port: 5000 })
+    expect(c.dataDir).toBe('/home/u/.local/share/pullmesh')
+    expect(c.upstreams.map(u => `${u.name}=${u.url}`)).toEqual(['docker.io=https://registry-1.docker.io'])
+    expect(c.defaultUpstream).toBe('docker.io')
+    expect(c.tagTtlMs).toBe(300_000)
+    expect(c.mesh.mdns).toBe(true)
+    expect(Object.isFrozen(c) && Object.isFrozen(c.upstreams)).toBe(true)
+  })
+  it('uses XDG_DATA_HOME', () => {
+    expect(buildConfig({}, { XDG_DATA_HOME: '/x' }).dataDir).toBe('/x/pullmesh')
+  })
+  it('reports every problem at once', () => {
+    try {
+      buildConfig({ listen: 'nope', tagTtl: 'soon', logLevel: 'loud', upstream: ['bad', 'ok.io=ftp://x'], peerListen: '1.2.3.4:99999', mdns: 'maybe' }, env)
+      expect.unreachable()
+    } catch (e) {
+      expect(e).toBeInstanceOf(ConfigError)
+      const p = (e as ConfigError).problems.join('\n')
+      for (const word of ['listen', 'tag-ttl', 'log-level', '"bad"', 'ftp://x', 'peer-listen', 'mdns']) expect(p).toContain(word)
+      expect((e as ConfigError).problems.length).toBeGreaterThanOrEqual(7)
+    }
+  })
+  it('layers file < env < flags', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pm-cfg-'))
+    const file = join(dir, 'c.json')
+    writeFileSync(file, JSON.stringify({ listen: '127.0.0.1:1', tagTtl: '1h', logLevel: 'warn', upstreams: { 'ghcr.io': 'https://ghcr.io' } }))
+    const problems: string[] = []
+    const merged = mergeSettings(settingsFromFile(file, problems), settingsFromEnv({ PULLMESH_TAG_TTL: '2m', PULLMESH_LOG_LEVEL: 'debug' }), { logLevel: 'error' })
+    const c = buildConfig(merged, env, problems)
+    expect(c.listen.port).toBe(1)
+    expect(c.tagTtlMs).toBe(120_000)
+    expect(c.logLevel).toBe('error')
+    expect(c.upstreams.map(u => u.name)).toEqual(['ghcr.io'])
+  })
+  it('rejects unknown keys in the file and never echoes credential files', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pm-cfg-'))
+    const file = join(dir, 'c.json')
+    writeFileSync(file, JSON.stringify({ listn: 'x' }))
+    const problems: string[] = []
+    settingsFromFile(file, problems)
+    expect(problems.join()).toContain('listn')
+    const creds = join(dir, 'creds.json')
+    writeFileSync(creds, '{"docker.io": {"username": "u", "password": "s3cret"')
+    try { buildConfig({ credentialsFile: creds }, env); expect.unreachable() } catch (e) {
+      expect((e as Error).message).not.toContain('s3cret')
+    }
+    writeFileSync(creds, JSON.stringify({ 'docker.io': { username: 'u', password: 's3cret' } }))
+    expect(buildConfig({ credentialsFile: creds }, env).upstreams[0]!.credentials).toEqual({ username: 'u', password: 's3cret' })
+  })
+  it('parses durations and host:port', () => {
+    expect(parseDuration('250ms')).toBe(250)
+    expect(parseDuration('90')).toBe(90_000)
+    expect(parseDuration('1.5h')).toBe(5_400_000)
+    expect(parseDuration('1 day')).toBeUndefined()
+    expect(parseHostPort('[::1]:5000')).toEqual({ host: '::1', port: 5000 })
+    expect(parseHostPort('localhost:0')).toEqual({ host: 'localhost', port: 0 })
+    expect(parseHostPort('5000')).toBeUndefined()
+  })
+})
