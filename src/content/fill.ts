@@ -92,6 +92,9 @@ export class Fill {
         continue
       }
       if (opened === undefined) continue
+      // The body can fail before the copy starts reading it; the copy sees that error through
+      // the stream's errored state, so a listener must be there to keep it from being uncaught.
+      opened.body.on('error', () => {})
       if (this.size !== undefined && this.size !== opened.size) {
         opened.body.destroy()
         const err = new VerificationError(`source ${src.label} reports size ${opened.size}, expected ${this.size}`, this.digest)

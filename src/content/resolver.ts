@@ -9,12 +9,16 @@ import type { ByteRange } from '../oci/range.js'
 import type { BlobHandle, ContentOrigin, ManifestResult, PeerContent } from './types.js'
 import { digestOf, sha256Of, tryParseDigest } from '../oci/digest.js'
 import { INDEX_MEDIA_TYPES, MAX_MANIFEST_BYTES, SINGLE_MANIFEST_MEDIA_TYPES, accepts, sniffManifestMediaType } from '../oci/media-types.js'
-import { NotFoundError, OciError, UpstreamError, UpstreamProtocolError, VerificationError, blobUnknown, manifestUnknown } from '../errors.js'
+import { NotFoundError, OciError, UpstreamError, UpstreamProtocolError, UpstreamUnavailableError, VerificationError, blobUnknown, manifestUnknown } from '../errors.js'
 import { Fill, type FillSource } from './fill.js'
 
 export interface ResolverInit {
   /** A tag mapping younger than this is answered from the index without asking the upstream. */
   tagTtlMs: number
+  /** How long revalidating a cached tag may take before the cached answer is served (default 5 s). */
+  revalidateTimeoutMs?: number
+  /** After the upstream failed, cached tags are served without asking it for this long (default 15 s). */
+  outageHoldMs?: number
   /** Upstreams whose credentialed content may still be shared with peers. */
   shareCredentialed?: ReadonlySet<string>
 }
@@ -50,6 +54,10 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
   const fills = new Map<Digest, Fill>()
   const manifestFlights = new Map<string, Promise<ManifestResult>>()
   let lifetime = new AbortController()
+  const revalidateTimeoutMs = init.revalidateTimeoutMs ?? 5_000
+  const outageHoldMs = init.outageHoldMs ?? 15_000
+  /** Upstreams that failed recently: until when cached tags skip revalidation. */
+  const downUntil = new Map<string, number>()
 
   function upstreamFor (target: Target): UpstreamClient {
     const up = upstreams.get(target.upstream)
@@ -147,22 +155,31 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
       metrics.cacheLookups.inc({ kind: 'manifest', result: 'hit' })
       return cached
     }
+    const revalidating = rec !== undefined && cached !== undefined
+    if (revalidating && (downUntil.get(up.name) ?? 0) > now()) {
+      const stale = await staleAnswer(target, tag, rec, cached, 'upstream recently failed')
+      if (stale !== undefined) return stale
+    }
+    // With a cached answer in hand, a slow upstream is not waited on for long.
+    const deadline = revalidating ? AbortSignal.timeout(revalidateTimeoutMs) : undefined
+    const signal = deadline !== undefined ? AbortSignal.any([lifetime.signal, deadline]) : lifetime.signal
     try {
-      if (rec !== undefined && cached !== undefined) {
+      if (revalidating) {
         // Revalidate: a HEAD is enough when the digest has not moved.
-        const head = await up.headManifest(target.repo, tag, { signal: lifetime.signal })
+        const head = await up.headManifest(target.repo, tag, { signal })
         if (head === undefined) {
           await store.deleteTag(target.upstream, target.repo, tag)
           throw manifestUnknown({ tag })
         }
-        if (head.digest === rec.digest) {
-          await store.putTag(target.upstream, target.repo, tag, { ...rec, verifiedAt: now() })
+        if (head.digest === rec!.digest) {
+          downUntil.delete(up.name)
+          await store.putTag(target.upstream, target.repo, tag, { ...rec!, verifiedAt: now() })
           metrics.cacheLookups.inc({ kind: 'manifest', result: 'hit' })
           return cached
         }
       }
       metrics.cacheLookups.inc({ kind: 'manifest', result: 'miss' })
-      const res = await up.getManifest(target.repo, tag, { signal: lifetime.signal })
+      const res = await up.getManifest(target.repo, tag, { signal })
       if (res === undefined) {
         if (rec !== undefined) await store.deleteTag(target.upstream, target.repo, tag)
         throw manifestUnknown({ tag })
@@ -177,17 +194,21 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
       await store.putTag(target.upstream, target.repo, tag, {
         digest, mediaType: kept.mediaType, size: res.body.length, verifiedAt: now(), private: isPrivate(up),
       })
+      downUntil.delete(up.name)
       return kept
     } catch (err) {
-      if (!(err instanceof UpstreamError)) throw err
-      const stale = await staleAnswer(target, tag, rec, cached, err)
+      const timedOut = deadline?.aborted === true && !lifetime.signal.aborted
+      if (!(err instanceof UpstreamError) && !timedOut) throw err
+      if (err instanceof UpstreamUnavailableError || timedOut) downUntil.set(up.name, now() + outageHoldMs)
+      const reason = timedOut ? `no answer within ${revalidateTimeoutMs} ms` : (err as UpstreamError).code
+      const stale = await staleAnswer(target, tag, rec, cached, reason)
       if (stale !== undefined) return stale
-      throw err
+      throw timedOut ? new UpstreamUnavailableError(up.name, reason) : err
     }
   }
 
   /** The upstream failed: the freshest verified record, ours or a peer's, answers (stale-if-error). */
-  async function staleAnswer (target: Target, tag: string, rec: TagRecord | undefined, cached: ManifestResult | undefined, err: UpstreamError): Promise<ManifestResult | undefined> {
+  async function staleAnswer (target: Target, tag: string, rec: TagRecord | undefined, cached: ManifestResult | undefined, reason: string): Promise<ManifestResult | undefined> {
     const candidates: Array<{ record: TagRecord, local: boolean }> = []
     if (rec !== undefined && cached !== undefined) candidates.push({ record: rec, local: true })
     for (const r of peers?.tagRecords(target.upstream, target.repo, tag) ?? []) candidates.push({ record: r, local: false })
@@ -197,7 +218,7 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
       if (m === undefined) continue
       if (!c.local) await store.putTag(target.upstream, target.repo, tag, { ...c.record, private: false })
       metrics.staleServed.inc({ upstream: target.upstream })
-      log.warn({ upstream: target.upstream, repo: target.repo, tag, digest: c.record.digest, verifiedAt: new Date(c.record.verifiedAt).toISOString(), from: c.local ? 'local' : 'mesh', err: err.code }, 'upstream failed; serving cached tag (stale-if-error)')
+      log.warn({ upstream: target.upstream, repo: target.repo, tag, digest: c.record.digest, verifiedAt: new Date(c.record.verifiedAt).toISOString(), from: c.local ? 'local' : 'mesh', reason }, 'upstream failed; serving cached tag (stale-if-error)')
       return m
     }
     return undefined
