@@ -53,6 +53,8 @@ export class Fill {
   size: number | undefined
   error: unknown
   info: BlobInfo | undefined
+  /** Content pulled with credentials: not served to peers. */
+  readonly isPrivate: boolean
   /** The source that wrote the bytes (set when the fill is done). */
   source: FillSource | undefined
   private current: Attempt | undefined
@@ -66,6 +68,7 @@ export class Fill {
     private readonly store: BlobStore,
     private readonly meta: BlobMeta,
   ) {
+    this.isPrivate = meta.private === true
     this.sized = new Promise<number>((resolve, reject) => { this.resolveSize = resolve; this.rejectSize = reject })
     this.sized.catch(() => {})
   }

@@ -36,6 +36,11 @@ export interface ResolverComponents {
 export interface Resolver {
   manifest (target: Target, ref: Reference, accept: string[], signal?: AbortSignal): Promise<ManifestResult>
   blob (target: Target, digest: Digest, signal?: AbortSignal): Promise<BlobHandle>
+  /**
+   * Content this node can serve without fetching anything: the store, or a fill in progress (whose
+   * readers hold the last byte back until it verifies). For the peer data path, which never forwards.
+   */
+  localBlob (digest: Digest, o?: { forPeer?: boolean }): Promise<BlobHandle | undefined>
   start (): void
   /** Aborts running fills and waits for them to clean up. */
   stop (): Promise<void>
@@ -230,21 +235,39 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
 
   // ---------------------------------------------------------------- blobs
 
+  function storeHandle (digest: Digest, size: number): BlobHandle {
+    return {
+      digest,
+      size,
+      source: 'store',
+      open: async (range?: ByteRange): Promise<Readable> => {
+        const s = await store.createReadStream(digest, range)
+        if (s === undefined) throw blobUnknown({ digest, reason: 'evicted while being requested; retry' })
+        return s
+      },
+    }
+  }
+
+  async function localBlob (digest: Digest, o?: { forPeer?: boolean }): Promise<BlobHandle | undefined> {
+    const info = await store.stat(digest)
+    if (info !== undefined) {
+      if (o?.forPeer === true && info.private) return undefined
+      store.touch(digest)
+      return storeHandle(digest, info.size)
+    }
+    const fill = fills.get(digest)
+    if (fill === undefined || fill.state !== 'running' || fill.size === undefined) return undefined
+    if (o?.forPeer === true && fill.isPrivate) return undefined
+    const f = fill
+    return { digest, size: fill.size, source: 'fill', open: async (range?: ByteRange) => f.createReader(range) }
+  }
+
   async function blob (target: Target, digest: Digest, signal?: AbortSignal): Promise<BlobHandle> {
     const info = await store.stat(digest)
     if (info !== undefined) {
       metrics.cacheLookups.inc({ kind: 'blob', result: 'hit' })
       store.touch(digest, repoKey(target))
-      return {
-        digest,
-        size: info.size,
-        source: 'store',
-        open: async (range?: ByteRange): Promise<Readable> => {
-          const s = await store.createReadStream(digest, range)
-          if (s === undefined) throw blobUnknown({ digest, reason: 'evicted while being requested; retry' })
-          return s
-        },
-      }
+      return storeHandle(digest, info.size)
     }
     metrics.cacheLookups.inc({ kind: 'blob', result: 'miss' })
     let fill = fills.get(digest)
@@ -296,6 +319,7 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
   return {
     manifest,
     blob,
+    localBlob,
     start () {
       if (lifetime.signal.aborted) lifetime = new AbortController()
     },

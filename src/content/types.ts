@@ -28,7 +28,7 @@ export interface BlobHandle {
 export interface PeerContent {
   /** Fill sources for `digest`, one per peer that announced it, best first. */
   blobSources (digest: Digest): FillSource[]
-  /** Fetches a small blob (a manifest) from the peers that hold it; unverified bytes, or undefined. */
+  /** Fetches a small blob (a manifest) from the peers that hold it, verified against `digest`; or undefined. */
   fetchSmall (digest: Digest, maxBytes: number, signal?: AbortSignal): Promise<Buffer | undefined>
   /** Tag records peers announced, freshest first. */
   tagRecords (upstream: string, repo: string, tag: string): TagRecord[]
