@@ -6,16 +6,28 @@ import { createFsStore } from './store/fs-store.js'
 import type { BlobStore } from './store/types.js'
 import { createUpstreamClient } from './upstream/client.js'
 import type { UpstreamClient } from './upstream/types.js'
+import { readFile } from 'node:fs/promises'
 import { createResolver, type Resolver } from './content/resolver.js'
+import { createPeerContent } from './content/peer-source.js'
+import type { PeerContent } from './content/types.js'
 import { createHttpServer } from './http/server.js'
+import { registerStatusRoutes } from './http/status-routes.js'
+import { createPeerServer } from './http/peer-server.js'
+import { createMesh } from './mesh/index.js'
+import type { Mesh } from './mesh/types.js'
+import { dataPathKey } from './peer-protocol.js'
 
 export interface Daemon {
   readonly config: Readonly<Config>
   readonly metrics: Metrics
   readonly store: BlobStore
   readonly resolver: Resolver
+  /** The mesh, once started (undefined with --no-mesh). */
+  mesh (): Mesh | undefined
   /** The client-facing URL, once started. */
   url (): string
+  /** The peer data path URL, once started (undefined with --no-mesh). */
+  peerUrl (): string | undefined
   start (): Promise<void>
   stop (): Promise<void>
 }
@@ -24,7 +36,7 @@ export interface Daemon {
  * The composition root: builds every part from the config. `start()` brings them up in order
  * (store, upstreams, resolver, HTTP); `stop()` takes them down in reverse, so no state is half-written.
  */
-export function createDaemon (config: Readonly<Config>, components: { logger: Logger }): Daemon {
+export function createDaemon (config: Readonly<Config>, components: { logger: Logger, version?: string }): Daemon {
   const logger = components.logger
   const metrics = createMetrics()
   const store = createFsStore({ logger, metrics }, { dataDir: config.dataDir })
@@ -41,29 +53,70 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       retryBaseMs: 200,
     }))
   }
-  const resolver = createResolver({ store, upstreams, logger, metrics }, {
+  // The mesh needs the data path's port, known only once it listens; the resolver is built now and
+  // sees the peers through this late-bound view, which answers "no peers" until the mesh is up.
+  let peers: (PeerContent & { close: () => Promise<void> }) | undefined
+  const peerView: PeerContent = {
+    blobSources: (d) => peers?.blobSources(d) ?? [],
+    fetchSmall: async (d, max, signal) => await peers?.fetchSmall(d, max, signal),
+    tagRecords: (u, r, t) => peers?.tagRecords(u, r, t) ?? [],
+  }
+  const resolver = createResolver({ store, upstreams, logger, metrics, ...(config.mesh.enabled ? { peers: peerView } : {}) }, {
     tagTtlMs: config.tagTtlMs,
     shareCredentialed: new Set(config.upstreams.filter(u => u.shareWithPeers).map(u => u.name)),
   })
   let ready = false
-  const http: FastifyInstance = createHttpServer({ resolver, metrics, logger, ready: () => ready }, {
+  const startedAt = Date.now()
+  const extraRoutes = (app: FastifyInstance): void => registerStatusRoutes(app, {
+    metrics,
+    store,
+    mesh: () => mesh,
+    info: () => ({ url, ...(peerUrl !== undefined ? { peerUrl } : {}), dataDir: config.dataDir, upstreams: config.upstreams.map(u => `${u.name}=${u.url}`), startedAt }),
+  }, components.version ?? 'dev')
+  const http: FastifyInstance = createHttpServer({ resolver, metrics, logger, ready: () => ready, extraRoutes }, {
     upstreams: new Set(upstreams.keys()),
     defaultUpstream: config.defaultUpstream,
   })
+  let mesh: Mesh | undefined
+  let peerHttp: FastifyInstance | undefined
+  let peerUrl: string | undefined
   let url = ''
   let state: 'new' | 'starting' | 'started' | 'stopping' | 'stopped' = 'new'
+
+  async function startMesh (): Promise<void> {
+    const meshKey = config.mesh.meshKeyFile !== undefined ? new Uint8Array(await readFile(config.mesh.meshKeyFile)) : undefined
+    const key = meshKey !== undefined ? dataPathKey(meshKey) : undefined
+    peerHttp = createPeerServer({ resolver, metrics, logger }, { ...(key !== undefined ? { key } : {}) })
+    await peerHttp.listen({ host: config.mesh.peerListen.host, port: config.mesh.peerListen.port })
+    const dataPort = (peerHttp.server.address() as { port: number }).port
+    peerUrl = `http://${config.mesh.peerListen.host}:${dataPort}`
+    mesh = createMesh({ logger, metrics, store }, {
+      dataDir: config.dataDir,
+      listen: config.mesh.p2pListen,
+      bootstrap: config.mesh.bootstrap,
+      mdns: config.mesh.mdns,
+      dataPort,
+      ...(meshKey !== undefined ? { meshKey } : {}),
+    })
+    await mesh.start()
+    peers = createPeerContent({ mesh, metrics, logger }, { timeoutMs: config.mesh.peerTimeoutMs, ...(key !== undefined ? { key } : {}) })
+    logger.info({ peerUrl, p2p: mesh.multiaddrs(), mdns: config.mesh.mdns, private: meshKey !== undefined }, 'mesh started')
+  }
 
   return {
     config,
     metrics,
     store,
     resolver,
+    mesh: () => mesh,
     url: () => url,
+    peerUrl: () => peerUrl,
     async start () {
       if (state !== 'new') return
       state = 'starting'
       await store.start()
       resolver.start()
+      if (config.mesh.enabled) await startMesh()
       const address = await http.listen({ host: config.listen.host, port: config.listen.port })
       const { port } = http.server.address() as { port: number }
       const host = config.listen.host.includes(':') ? `[${config.listen.host}]` : config.listen.host
@@ -77,7 +130,10 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       state = 'stopping'
       ready = false
       await http.close()
+      await peerHttp?.close()
+      await mesh?.stop()
       await resolver.stop()
+      await peers?.close()
       await Promise.allSettled([...upstreams.values()].map(async u => await u.close()))
       await store.stop()
       state = 'stopped'

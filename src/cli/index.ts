@@ -1,9 +1,12 @@
+import { readFileSync } from 'node:fs'
 import { Command, CommanderError, Option } from 'commander'
 import type { Writable } from 'node:stream'
 import { buildConfig, mergeSettings, settingsFromEnv, settingsFromFile, type RawSettings } from '../config.js'
 import { ConfigError } from '../errors.js'
 import { createLogger } from '../logger.js'
 import { createDaemon } from '../daemon.js'
+import { registerStatus } from './status.js'
+import { registerKeygen } from './keygen.js'
 
 /** Everything the CLI needs from the process, handed in by main.ts. */
 export interface CliIo {
@@ -14,6 +17,8 @@ export interface CliIo {
   stopRequested: () => Promise<string>
 }
 
+const VERSION = (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version
+
 const collect = (v: string, prev: string[] = []): string[] => [...prev, v]
 
 /** Runs the CLI. Returns the process exit code. */
@@ -22,6 +27,7 @@ export async function runCli (argv: string[], io: CliIo): Promise<number> {
   const program = new Command()
     .name('pullmesh')
     .description('A LAN-meshed, verified OCI pull-through cache for Docker, containerd, podman and skopeo')
+    .version(VERSION)
     .exitOverride()
     .configureOutput({ writeOut: s => io.stdout.write(s), writeErr: s => io.stderr.write(s) })
     .showHelpAfterError()
@@ -51,6 +57,9 @@ export async function runCli (argv: string[], io: CliIo): Promise<number> {
     .action(async (_opts: Record<string, unknown>, cmd: Command) => {
       exitCode = await start(cmd, io)
     })
+
+  registerStatus(program, io, code => { exitCode = code })
+  registerKeygen(program, io, code => { exitCode = code })
 
   try {
     await program.parseAsync(argv, { from: 'user' })
@@ -88,7 +97,7 @@ async function start (cmd: Command, io: CliIo): Promise<number> {
     throw err
   }
   const logger = createLogger(config.logLevel)
-  const daemon = createDaemon(config, { logger })
+  const daemon = createDaemon(config, { logger, version: VERSION })
   try {
     await daemon.start()
   } catch (err) {

@@ -21,6 +21,8 @@ export interface FillSource {
   /** Called when this source failed (wrong bytes, stall, error), before the next one is tried. */
   onFailure?: (err: unknown) => void
   onSuccess?: () => void
+  /** Counts bytes as the fill takes them (never attach a 'data' listener: it would start the flow early). */
+  onBytes?: (n: number) => void
 }
 
 export type FillState = 'running' | 'done' | 'failed'
@@ -139,6 +141,7 @@ export class Fill {
       this.resolveSize(this.size!)
       this.wake()
       for await (const chunk of body) {
+        src.onBytes?.((chunk as Buffer).length)
         await writer.write(chunk as Buffer)
         if (att.streamable) this.wake()
       }

@@ -57,9 +57,7 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
       await res.body.dump().catch(() => {})
       throw new PeerProtocolError(`peer ${peer.peerId} answered ${res.statusCode}`)
     }
-    const body = res.body as unknown as Readable
-    body.on('data', (c: Buffer) => metrics.peerBytes.inc({ direction: 'in' }, c.length))
-    return { body, size }
+    return { body: res.body as unknown as Readable, size }
   }
 
   function fail (peer: PeerHolder, digest: Digest, err: unknown): void {
@@ -78,6 +76,7 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
         open: async (signal) => await get(peer, digest, signal),
         onFailure: (err) => fail(peer, digest, err),
         onSuccess: () => mesh.report(peer.peerId, 'good'),
+        onBytes: (n) => metrics.peerBytes.inc({ direction: 'in' }, n),
       }))
     },
 
@@ -90,6 +89,7 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
           const chunks: Buffer[] = []
           for await (const c of r.body) chunks.push(c as Buffer)
           const buf = Buffer.concat(chunks)
+          metrics.peerBytes.inc({ direction: 'in' }, buf.length)
           if (buf.length !== r.size) throw new PeerProtocolError('short body')
           if (digestOf(buf, digest) !== digest) throw new VerificationError('peer sent bytes that do not match the digest', digest)
           mesh.report(peer.peerId, 'good')

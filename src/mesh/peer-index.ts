@@ -1,0 +1,298 @@
+// The local index of what peers announced: pure data, no I/O, driven by an explicit clock.
+// Lookups (holders, tagRecords) read only this index, so a request never waits on the network.
+import type { Digest } from '../oci/digest.js'
+import type { BlobEntry, TagEntry } from './messages.js'
+import type { MeshPeerStatus, PeerHolder, PeerOutcome, PeerTagRecord } from './types.js'
+
+export interface PeerIndexInit {
+  /** How long a disconnected peer (and everything it announced) is remembered. */
+  peerTtlMs: number
+  /** How long an announced entry lives unless refreshed by an inventory or a new announcement. */
+  entryTtlMs: number
+  maxBlobsPerPeer?: number
+  maxTagsPerPeer?: number
+  maxPeers?: number
+  /** Score decays toward 0 with this half-life. */
+  scoreHalfLifeMs?: number
+}
+
+interface BlobSlot { size: number, mediaType: string, expires: number, refreshedAt: number }
+interface TagSlot { entry: TagEntry, expires: number, refreshedAt: number }
+
+interface PeerState {
+  peerId: string
+  blobs: Map<Digest, BlobSlot>
+  tags: Map<string, TagSlot>
+  /** digest → when a remove arrived; lets an inventory that was in flight not resurrect it. */
+  removedAt: Map<Digest, number>
+  /** Time of the last `remove all` (withdrawal). */
+  withdrawnAt: number
+  dataPort?: number
+  /** IP of our libp2p connection to the peer (kept after disconnect for the grace period). */
+  host?: string
+  addrs: string[]
+  connected: boolean
+  disconnectedAt: number
+  lastSeen: number
+  score: number
+  scoreAt: number
+  bytes: number
+}
+
+const tagKey = (upstream: string, repo: string, tag: string): string => `${upstream}\u0000${repo}\u0000${tag}`
+
+export function formatDataUrl (host: string, port: number): string {
+  return host.includes(':') ? `http://[${host}]:${port}` : `http://${host}:${port}`
+}
+
+export class PeerIndex {
+  private readonly peers = new Map<string, PeerState>()
+  private readonly byDigest = new Map<Digest, Set<string>>()
+  private readonly byTag = new Map<string, Set<string>>()
+  private readonly maxBlobs: number
+  private readonly maxTags: number
+  private readonly maxPeers: number
+  private readonly halfLife: number
+
+  constructor (private readonly init: PeerIndexInit) {
+    this.maxBlobs = init.maxBlobsPerPeer ?? 100_000
+    this.maxTags = init.maxTagsPerPeer ?? 10_000
+    this.maxPeers = init.maxPeers ?? 1024
+    this.halfLife = init.scoreHalfLifeMs ?? 10 * 60_000
+  }
+
+  private peer (peerId: string, now: number, create = true): PeerState | undefined {
+    let p = this.peers.get(peerId)
+    if (p === undefined && create && this.peers.size < this.maxPeers) {
+      p = { peerId, blobs: new Map(), tags: new Map(), removedAt: new Map(), withdrawnAt: 0, addrs: [], connected: false, disconnectedAt: now, lastSeen: now, score: 0, scoreAt: now, bytes: 0 }
+      this.peers.set(peerId, p)
+    }
+    if (p !== undefined) p.lastSeen = Math.max(p.lastSeen, now)
+    return p
+  }
+
+  // ---- connection state ----
+
+  connected (peerId: string, host: string | undefined, addrs: string[], now: number): void {
+    const p = this.peer(peerId, now)
+    if (p === undefined) return
+    p.connected = true
+    if (host !== undefined) p.host = host
+    if (addrs.length > 0) p.addrs = addrs
+  }
+
+  disconnected (peerId: string, now: number): void {
+    const p = this.peers.get(peerId)
+    if (p === undefined) return
+    p.connected = false
+    p.disconnectedAt = now
+  }
+
+  setDataPort (peerId: string, port: number, now: number): void {
+    const p = this.peer(peerId, now)
+    if (p !== undefined) p.dataPort = port
+  }
+
+  // ---- announcements ----
+
+  addBlobs (peerId: string, blobs: BlobEntry[], now: number): void {
+    const p = this.peer(peerId, now)
+    if (p === undefined) return
+    for (const b of blobs) this.putBlob(p, b, now)
+  }
+
+  private putBlob (p: PeerState, b: BlobEntry, now: number): void {
+    const old = p.blobs.get(b.digest)
+    if (old === undefined) {
+      if (p.blobs.size >= this.maxBlobs) return
+      let set = this.byDigest.get(b.digest)
+      if (set === undefined) { set = new Set(); this.byDigest.set(b.digest, set) }
+      set.add(p.peerId)
+    } else {
+      p.bytes -= old.size
+    }
+    p.blobs.set(b.digest, { size: b.size, mediaType: b.mediaType, expires: now + this.init.entryTtlMs, refreshedAt: now })
+    p.bytes += b.size
+    p.removedAt.delete(b.digest)
+  }
+
+  removeBlobs (peerId: string, digests: Digest[], now: number): void {
+    const p = this.peer(peerId, now, false)
+    if (p === undefined) return
+    for (const d of digests) {
+      this.dropBlob(p, d)
+      if (p.removedAt.size < this.maxBlobs) p.removedAt.set(d, now)
+    }
+  }
+
+  private dropBlob (p: PeerState, d: Digest): void {
+    const old = p.blobs.get(d)
+    if (old === undefined) return
+    p.blobs.delete(d)
+    p.bytes -= old.size
+    const set = this.byDigest.get(d)
+    if (set !== undefined) { set.delete(p.peerId); if (set.size === 0) this.byDigest.delete(d) }
+  }
+
+  private dropTag (p: PeerState, key: string): void {
+    if (!p.tags.delete(key)) return
+    const set = this.byTag.get(key)
+    if (set !== undefined) { set.delete(p.peerId); if (set.size === 0) this.byTag.delete(key) }
+  }
+
+  /** The peer withdrew everything it announced (it is shutting down). */
+  removeAll (peerId: string, now: number): void {
+    const p = this.peers.get(peerId)
+    if (p === undefined) return
+    for (const d of [...p.blobs.keys()]) this.dropBlob(p, d)
+    for (const k of [...p.tags.keys()]) this.dropTag(p, k)
+    p.removedAt.clear()
+    p.withdrawnAt = now
+  }
+
+  putTag (peerId: string, entry: TagEntry, now: number): void {
+    const p = this.peer(peerId, now)
+    if (p === undefined) return
+    const key = tagKey(entry.upstream, entry.repo, entry.tag)
+    const old = p.tags.get(key)
+    if (old === undefined) {
+      if (p.tags.size >= this.maxTags) return
+      let set = this.byTag.get(key)
+      if (set === undefined) { set = new Set(); this.byTag.set(key, set) }
+      set.add(peerId)
+    } else if (old.entry.record.verifiedAt > entry.record.verifiedAt) {
+      old.expires = now + this.init.entryTtlMs // an older confirmation arrived late: keep the newer one
+      return
+    }
+    p.tags.set(key, { entry, expires: now + this.init.entryTtlMs, refreshedAt: now })
+  }
+
+  /**
+   * Replaces a peer's holdings with a complete inventory that was requested at `startedAt`.
+   * Entries announced by gossip after `startedAt` survive, and digests removed after `startedAt` stay removed.
+   */
+  replaceInventory (peerId: string, blobs: BlobEntry[], tags: TagEntry[], startedAt: number, now: number): void {
+    const p = this.peer(peerId, now)
+    if (p === undefined) return
+    if (p.withdrawnAt >= startedAt) return
+    const keepBlobs = new Set<Digest>()
+    for (const b of blobs) {
+      const removed = p.removedAt.get(b.digest)
+      if (removed !== undefined && removed >= startedAt) continue
+      keepBlobs.add(b.digest)
+      this.putBlob(p, b, now)
+    }
+    for (const [d, slot] of [...p.blobs]) {
+      if (!keepBlobs.has(d) && slot.refreshedAt < startedAt) this.dropBlob(p, d)
+    }
+    const keepTags = new Set<string>()
+    for (const t of tags) { keepTags.add(tagKey(t.upstream, t.repo, t.tag)); this.putTag(peerId, t, now) }
+    for (const [k, slot] of [...p.tags]) {
+      if (!keepTags.has(k) && slot.refreshedAt < startedAt) this.dropTag(p, k)
+    }
+    for (const [d, at] of [...p.removedAt]) if (at < startedAt) p.removedAt.delete(d)
+  }
+
+  /** The peer confirmed its holdings are unchanged since its last complete inventory: extend every entry. */
+  refreshAll (peerId: string, now: number): void {
+    const p = this.peers.get(peerId)
+    if (p === undefined) return
+    p.lastSeen = Math.max(p.lastSeen, now)
+    const expires = now + this.init.entryTtlMs
+    for (const slot of p.blobs.values()) slot.expires = Math.max(slot.expires, expires)
+    for (const slot of p.tags.values()) slot.expires = Math.max(slot.expires, expires)
+  }
+
+  // ---- scoring ----
+
+  private scoreOf (p: PeerState, now: number): number {
+    const dt = Math.max(0, now - p.scoreAt)
+    return p.score * Math.pow(0.5, dt / this.halfLife)
+  }
+
+  report (peerId: string, outcome: PeerOutcome, now: number): void {
+    const p = this.peers.get(peerId)
+    if (p === undefined) return
+    const s = this.scoreOf(p, now)
+    p.score = outcome === 'good' ? Math.min(5, s + 0.5) : Math.max(-20, s - 4)
+    p.scoreAt = now
+  }
+
+  // ---- expiry ----
+
+  /** Drops expired entries, and peers disconnected for longer than the peer TTL. */
+  expire (now: number): void {
+    for (const p of [...this.peers.values()]) {
+      if (!p.connected && now - p.disconnectedAt > this.init.peerTtlMs && now - p.lastSeen > this.init.peerTtlMs) {
+        this.forget(p.peerId)
+        continue
+      }
+      for (const [d, slot] of [...p.blobs]) if (slot.expires <= now) this.dropBlob(p, d)
+      for (const [k, slot] of [...p.tags]) if (slot.expires <= now) this.dropTag(p, k)
+      for (const [d, at] of [...p.removedAt]) if (now - at > this.init.entryTtlMs) p.removedAt.delete(d)
+    }
+  }
+
+  forget (peerId: string): void {
+    const p = this.peers.get(peerId)
+    if (p === undefined) return
+    this.removeAll(peerId, 0)
+    this.peers.delete(peerId)
+  }
+
+  // ---- lookups ----
+
+  dataUrl (peerId: string): string | undefined {
+    const p = this.peers.get(peerId)
+    return p?.host !== undefined && p.dataPort !== undefined ? formatDataUrl(p.host, p.dataPort) : undefined
+  }
+
+  holders (digest: Digest, now: number): PeerHolder[] {
+    const set = this.byDigest.get(digest)
+    if (set === undefined) return []
+    const rows: Array<{ peerId: string, dataUrl: string, score: number, connected: boolean, r: number }> = []
+    for (const id of set) {
+      const p = this.peers.get(id)
+      const slot = p?.blobs.get(digest)
+      if (p === undefined || slot === undefined || slot.expires <= now) continue
+      if (p.host === undefined || p.dataPort === undefined) continue // we cannot reach it
+      rows.push({ peerId: id, dataUrl: formatDataUrl(p.host, p.dataPort), score: this.scoreOf(p, now), connected: p.connected, r: Math.random() })
+    }
+    // Best score first; then connected peers; then random, so equal peers share the load.
+    rows.sort((a, b) => (Math.round((b.score - a.score) * 100)) || (Number(b.connected) - Number(a.connected)) || (a.r - b.r))
+    return rows.map(({ peerId, dataUrl }) => ({ peerId, dataUrl }))
+  }
+
+  tagRecords (upstream: string, repo: string, tag: string, now: number): PeerTagRecord[] {
+    const key = tagKey(upstream, repo, tag)
+    const set = this.byTag.get(key)
+    if (set === undefined) return []
+    const out: PeerTagRecord[] = []
+    for (const id of set) {
+      const slot = this.peers.get(id)?.tags.get(key)
+      if (slot === undefined || slot.expires <= now) continue
+      out.push({ peerId: id, record: { ...slot.entry.record, private: false } })
+    }
+    out.sort((a, b) => b.record.verifiedAt - a.record.verifiedAt)
+    return out
+  }
+
+  status (now: number): MeshPeerStatus[] {
+    return [...this.peers.values()].map(p => {
+      const dataUrl = this.dataUrl(p.peerId)
+      return {
+        peerId: p.peerId,
+        addrs: p.addrs,
+        ...(dataUrl !== undefined ? { dataUrl } : {}),
+        connected: p.connected,
+        blobs: p.blobs.size,
+        bytes: p.bytes,
+        score: Math.round(this.scoreOf(p, now) * 100) / 100,
+        lastSeen: p.lastSeen,
+      }
+    })
+  }
+
+  has (peerId: string): boolean { return this.peers.has(peerId) }
+  touch (peerId: string, now: number): void { this.peer(peerId, now, false) }
+}

@@ -1,0 +1,58 @@
+import type { Digest } from '../oci/digest.js'
+import type { TagRecord } from '../store/types.js'
+
+/** A peer that announced it holds some content, and where its data path listens. */
+export interface PeerHolder { peerId: string, dataUrl: string }
+
+/** A tag record as announced by a peer (never private: private records are not announced). */
+export interface PeerTagRecord { peerId: string, record: TagRecord }
+
+export interface MeshPeerStatus {
+  peerId: string
+  addrs: string[]
+  /** Known once the peer told us its data port and we have (or recently had) a connection to it. */
+  dataUrl?: string
+  connected: boolean
+  blobs: number
+  bytes: number
+  score: number
+  /** ms since epoch of the last message, inventory or connection event from this peer. */
+  lastSeen: number
+}
+
+export interface MeshStatus { peerId: string, addrs: string[], peers: MeshPeerStatus[] }
+
+export type PeerOutcome = 'good' | 'bad'
+
+export interface Mesh {
+  /** Idempotent. */
+  start (): Promise<void>
+  /** Idempotent; withdraws our announcements (best effort), then stops libp2p. */
+  stop (): Promise<void>
+  /** Peers that hold `digest`, best first (score, then connected). Reads only the local index: never waits on the network. */
+  holders (digest: Digest): PeerHolder[]
+  /** Tag records peers announced for upstream/repo:tag, freshest verifiedAt first. Local index only. */
+  tagRecords (upstream: string, repo: string, tag: string): PeerTagRecord[]
+  /** The data path reports how a peer behaved: bad (wrong bytes, stall, error) lowers its score for later requests. */
+  report (peerId: string, outcome: PeerOutcome): void
+  status (): MeshStatus
+  /** Our listen multiaddrs, each ending in /p2p/<our peer id> (empty before start). */
+  multiaddrs (): string[]
+}
+
+export interface MeshInit {
+  dataDir: string
+  /** Multiaddrs to listen on, e.g. /ip4/0.0.0.0/tcp/4001 or /ip4/127.0.0.1/tcp/0. */
+  listen: string[]
+  /** Multiaddrs of peers to dial at start (and re-dial while disconnected); each must end in /p2p/<id>. */
+  bootstrap: string[]
+  mdns: boolean
+  /** pnet pre-shared key file contents; when set, only peers with the same key can connect. */
+  meshKey?: Uint8Array
+  /** TCP port of our plain-HTTP data path, announced to peers. */
+  dataPort: number
+  /** How long a disconnected peer's holdings are kept (default 30 s). */
+  peerTtlMs?: number
+  /** How often holdings are re-fetched from connected peers (default 60 s). Entries expire after 3 intervals. */
+  inventoryIntervalMs?: number
+}
