@@ -5,6 +5,7 @@ import { buildConfig, mergeSettings, settingsFromEnv, settingsFromFile, type Raw
 import { ConfigError } from '../errors.js'
 import { createLogger } from '../logger.js'
 import { createDaemon } from '../daemon.js'
+import { registerConfigure } from './configure.js'
 import { registerStatus } from './status.js'
 import { registerKeygen } from './keygen.js'
 
@@ -60,6 +61,7 @@ export async function runCli (argv: string[], io: CliIo): Promise<number> {
 
   registerStatus(program, io, code => { exitCode = code })
   registerKeygen(program, io, code => { exitCode = code })
+  registerConfigure(program, io, code => { exitCode = code })
 
   try {
     await program.parseAsync(argv, { from: 'user' })

@@ -20,6 +20,12 @@ export interface PeerContentInit {
   maxPeers?: number
 }
 
+/** A peer did not start answering within the peer timeout. */
+export class PeerTimeoutError extends Error {
+  override readonly name = 'PeerTimeoutError'
+  readonly code = 'PM_PEER_TIMEOUT'
+}
+
 /** A peer that answered but broke the protocol (wrong status, missing length). */
 export class PeerProtocolError extends Error {
   override readonly name = 'PeerProtocolError'
@@ -47,7 +53,20 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
     const path = PEER_BLOB_PATH + digest
     const headers: Record<string, string> = {}
     if (init.key !== undefined) headers[AUTH_HEADER] = signRequest(init.key, 'GET', path)
-    const res = await request(peer.dataUrl + path, { method: 'GET', headers, dispatcher: agent, signal })
+    // undici's own timers tick about once a second; the peer deadline is enforced here, to the ms.
+    const deadline = new AbortController()
+    const timer = setTimeout(() => deadline.abort(new PeerTimeoutError(`peer ${peer.peerId} did not answer within ${init.timeoutMs} ms`)), init.timeoutMs)
+    let res
+    try {
+      res = await request(peer.dataUrl + path, {
+        method: 'GET',
+        headers,
+        dispatcher: agent,
+        signal: signal !== undefined ? AbortSignal.any([signal, deadline.signal]) : deadline.signal,
+      })
+    } finally {
+      clearTimeout(timer)
+    }
     if (res.statusCode === 404) {
       await res.body.dump().catch(() => {})
       return undefined

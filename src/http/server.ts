@@ -34,14 +34,19 @@ export function createHttpServer (c: HttpComponents, routing: RoutingInit): Fast
     },
   })
 
-  app.addHook('onResponse', async (req, reply) => {
-    const route = routeLabel(req.raw.url ?? '')
-    const status = reply.statusCode
-    c.metrics.httpRequests.inc({ route, method: req.method, status: String(status) })
-    c.metrics.httpDuration.observe({ route }, reply.elapsedTime / 1000)
-    const fields = { method: req.method, url: req.raw.url, statusCode: status, ms: Math.round(reply.elapsedTime), remote: req.ip }
-    if (status >= 500) log.error(fields, 'request')
-    else log.info(fields, 'request')
+  // Logged when the response closes, not on 'finish': a client that hangs up as soon as it has every
+  // byte must still be counted and logged (onResponse would never fire for it).
+  app.addHook('onRequest', async (req, reply) => {
+    reply.raw.once('close', () => {
+      const route = routeLabel(req.raw.url ?? '')
+      const status = reply.raw.statusCode
+      const complete = reply.raw.writableFinished
+      c.metrics.httpRequests.inc({ route, method: req.method, status: String(status) })
+      c.metrics.httpDuration.observe({ route }, reply.elapsedTime / 1000)
+      const fields = { method: req.method, url: req.raw.url, statusCode: status, ms: Math.round(reply.elapsedTime), remote: req.ip, ...(complete ? {} : { aborted: true }) }
+      if (status >= 500) log.error(fields, 'request')
+      else log.info(fields, 'request')
+    })
   })
 
   app.setErrorHandler((err: FastifyError | Error, req, reply) => {

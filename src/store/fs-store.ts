@@ -537,7 +537,9 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
       return fh.createReadStream({
         highWaterMark: READ_CHUNK,
         autoClose: true,
-        ...(range !== undefined ? { start: range.start, end: range.end } : {}),
+        // An explicit end lets the stream finish with its last byte, not one read later, so the
+        // response completes even when the client closes as soon as it has every byte.
+        ...(range !== undefined ? { start: range.start, end: range.end } : info.size > 0 ? { start: 0, end: info.size - 1 } : {}),
       })
     },
 
