@@ -24,6 +24,10 @@ export interface Config {
   upstreams: UpstreamConfig[]
   defaultUpstream: string
   tagTtlMs: number
+  /** Disk budget for cached content. */
+  maxBytes: number
+  /** Evict content not accessed for this long (undefined: never). */
+  maxAgeMs: number | undefined
   logLevel: LogLevel
   upstreamTimeouts: { connectMs: number, headersMs: number, bodyIdleMs: number }
   upstreamMaxAttempts: number
@@ -48,6 +52,8 @@ export interface RawSettings {
   defaultUpstream?: string
   credentialsFile?: string
   tagTtl?: string
+  maxSize?: string
+  maxAge?: string
   logLevel?: string
   mdns?: boolean | string
   mesh?: boolean | string
@@ -71,6 +77,8 @@ export const ENV_VARS: Record<string, keyof RawSettings> = {
   PULLMESH_DEFAULT_UPSTREAM: 'defaultUpstream',
   PULLMESH_CREDENTIALS_FILE: 'credentialsFile',
   PULLMESH_TAG_TTL: 'tagTtl',
+  PULLMESH_MAX_SIZE: 'maxSize',
+  PULLMESH_MAX_AGE: 'maxAge',
   PULLMESH_LOG_LEVEL: 'logLevel',
   PULLMESH_MDNS: 'mdns',
   PULLMESH_MESH: 'mesh',
@@ -91,6 +99,8 @@ export const DEFAULTS = {
   listen: '127.0.0.1:5000',
   upstream: ['docker.io=https://registry-1.docker.io'],
   tagTtl: '5m',
+  maxSize: '20GiB',
+  maxAge: '30d',
   logLevel: 'info',
   p2pListen: ['/ip4/0.0.0.0/tcp/4001'],
   peerListen: '0.0.0.0:5050',
@@ -127,6 +137,8 @@ const fileSchema = z.object({
   defaultUpstream: z.string(),
   credentialsFile: z.string(),
   tagTtl: z.union([z.string(), z.number()]),
+  maxSize: z.union([z.string(), z.number()]),
+  maxAge: z.union([z.string(), z.number()]),
   logLevel: z.string(),
   mdns: z.boolean(),
   mesh: z.boolean(),
@@ -167,6 +179,8 @@ export function settingsFromFile (path: string, problems: string[]): RawSettings
     defaultUpstream: d.defaultUpstream,
     credentialsFile: rel(d.credentialsFile),
     tagTtl: str(d.tagTtl),
+    maxSize: str(d.maxSize),
+    maxAge: str(d.maxAge),
     logLevel: d.logLevel,
     mdns: d.mdns,
     mesh: d.mesh,
@@ -206,6 +220,15 @@ export function parseDuration (s: string): number | undefined {
   return Number.isFinite(ms) ? ms : undefined
 }
 
+/** Parses `50GiB`, `500MiB`, `2GB` (decimal), `1.5TiB`, or a number of bytes. */
+export function parseSize (s: string): number | undefined {
+  const m = /^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB|K|M|G|T)?$/i.exec(s.trim())
+  if (m === null) return undefined
+  const units: Record<string, number> = { b: 1, kb: 1e3, mb: 1e6, gb: 1e9, tb: 1e12, kib: 2 ** 10, mib: 2 ** 20, gib: 2 ** 30, tib: 2 ** 40, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 }
+  const n = Math.floor(Number(m[1]) * units[(m[2] ?? 'b').toLowerCase()]!)
+  return Number.isSafeInteger(n) ? n : undefined
+}
+
 export function parseHostPort (s: string): HostPort | undefined {
   const m = /^(?:\[([0-9a-fA-F:.]+)\]|([A-Za-z0-9.-]+)):(\d{1,5})$/.exec(s.trim())
   if (m === null) return undefined
@@ -243,6 +266,9 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
     return ms
   }
   const tagTtlMs = dur('tag-ttl', s.tagTtl, 0)
+  const maxBytes = parseSize(s.maxSize ?? '')
+  if (maxBytes === undefined || maxBytes < 1024 * 1024) problems.push(`max-size: expected a size such as 50GiB or 500MiB (at least 1MiB), got "${s.maxSize}"`)
+  const maxAgeMs = s.maxAge === 'off' || s.maxAge === '0' ? undefined : dur('max-age', s.maxAge, 1000)
   const peerTimeoutMs = dur('peer-timeout', s.peerTimeout, 10)
   const connectMs = dur('upstream-connect-timeout', s.upstreamConnectTimeout, 10)
   const headersMs = dur('upstream-headers-timeout', s.upstreamHeadersTimeout, 10)
@@ -297,6 +323,8 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
     upstreams,
     defaultUpstream,
     tagTtlMs,
+    maxBytes: maxBytes!,
+    maxAgeMs,
     logLevel,
     upstreamTimeouts: { connectMs, headersMs, bodyIdleMs },
     upstreamMaxAttempts: retries,

@@ -12,6 +12,8 @@ import { createPeerContent } from './content/peer-source.js'
 import type { PeerContent } from './content/types.js'
 import { createHttpServer } from './http/server.js'
 import { registerStatusRoutes } from './http/status-routes.js'
+import { registerAdminRoutes } from './http/admin-routes.js'
+import { createEvictor, type Evictor } from './store/eviction.js'
 import { createPeerServer } from './http/peer-server.js'
 import { createMesh } from './mesh/index.js'
 import type { Mesh } from './mesh/types.js'
@@ -22,6 +24,7 @@ export interface Daemon {
   readonly metrics: Metrics
   readonly store: BlobStore
   readonly resolver: Resolver
+  readonly evictor: Evictor
   /** The mesh, once started (undefined with --no-mesh). */
   mesh (): Mesh | undefined
   /** The client-facing URL, once started. */
@@ -66,17 +69,22 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
     shareCredentialed: new Set(config.upstreams.filter(u => u.shareWithPeers).map(u => u.name)),
   })
   let ready = false
-  const startedAt = Date.now()
-  const extraRoutes = (app: FastifyInstance): void => registerStatusRoutes(app, {
-    metrics,
-    store,
-    mesh: () => mesh,
-    info: () => ({ url, ...(peerUrl !== undefined ? { peerUrl } : {}), dataDir: config.dataDir, upstreams: config.upstreams.map(u => `${u.name}=${u.url}`), startedAt }),
-  }, components.version ?? 'dev')
-  const http: FastifyInstance = createHttpServer({ resolver, metrics, logger, ready: () => ready, extraRoutes }, {
-    upstreams: new Set(upstreams.keys()),
-    defaultUpstream: config.defaultUpstream,
+  const evictor: Evictor = createEvictor({ store, logger, metrics, busy: () => resolver.activeFills() }, {
+    maxBytes: config.maxBytes,
+    ...(config.maxAgeMs !== undefined ? { maxAgeMs: config.maxAgeMs } : {}),
   })
+  const routing = { upstreams: new Set(upstreams.keys()), defaultUpstream: config.defaultUpstream }
+  const startedAt = Date.now()
+  const extraRoutes = (app: FastifyInstance): void => {
+    registerStatusRoutes(app, {
+      metrics,
+      store,
+      mesh: () => mesh,
+      info: () => ({ url, ...(peerUrl !== undefined ? { peerUrl } : {}), dataDir: config.dataDir, upstreams: config.upstreams.map(u => `${u.name}=${u.url}`), startedAt, maxBytes: config.maxBytes }),
+    }, components.version ?? 'dev')
+    registerAdminRoutes(app, { resolver, store, evictor, metrics, logger }, routing)
+  }
+  const http: FastifyInstance = createHttpServer({ resolver, metrics, logger, ready: () => ready, extraRoutes }, routing)
   let mesh: Mesh | undefined
   let peerHttp: FastifyInstance | undefined
   let peerUrl: string | undefined
@@ -108,6 +116,7 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
     metrics,
     store,
     resolver,
+    evictor,
     mesh: () => mesh,
     url: () => url,
     peerUrl: () => peerUrl,
@@ -116,6 +125,7 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       state = 'starting'
       await store.start()
       resolver.start()
+      evictor.start()
       if (config.mesh.enabled) await startMesh()
       const address = await http.listen({ host: config.listen.host, port: config.listen.port })
       const { port } = http.server.address() as { port: number }
@@ -133,6 +143,7 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       await peerHttp?.close()
       await mesh?.stop()
       await resolver.stop()
+      await evictor.stop()
       await peers?.close()
       await Promise.allSettled([...upstreams.values()].map(async u => await u.close()))
       await store.stop()

@@ -20,6 +20,7 @@ export interface Metrics {
   readonly storeBlobs: Gauge
   readonly verificationFailures: Counter<'source'>
   readonly fillsActive: Gauge
+  readonly evictions: Counter<'reason'>
   /** Mesh: peers connected, bytes exchanged with peers, mesh hits. */
   readonly peersConnected: Gauge
   readonly peerBytes: Counter<'direction'>
@@ -44,6 +45,7 @@ export function createMetrics (): Metrics {
     storeBytes: new Gauge({ name: 'pullmesh_store_bytes', help: 'Bytes of verified content in the store', registers: r }),
     storeBlobs: new Gauge({ name: 'pullmesh_store_blobs', help: 'Blobs and manifests in the store', registers: r }),
     verificationFailures: new Counter({ name: 'pullmesh_verification_failures_total', help: 'Content rejected because its digest or size was wrong', labelNames: ['source'], registers: r }),
+    evictions: new Counter({ name: 'pullmesh_evictions_total', help: 'Blobs evicted by reason (size, max-age, manual)', labelNames: ['reason'], registers: r }),
     fillsActive: new Gauge({ name: 'pullmesh_fills_active', help: 'Cache fills in progress', registers: r }),
     peersConnected: new Gauge({ name: 'pullmesh_mesh_peers_connected', help: 'Mesh peers connected', registers: r }),
     peerBytes: new Counter({ name: 'pullmesh_mesh_peer_bytes_total', help: 'Bytes exchanged with peers (direction: in|out)', labelNames: ['direction'], registers: r }),

@@ -328,7 +328,8 @@ export function registerConfigure (program: Command, io: CliIo, setExit: (code: 
       }
       if (o.write !== true) {
         out(JSON.stringify({ 'registry-mirrors': [r.mirror.url] }, null, 2) + '\n')
-        if (o.dryRun !== true) out(`# merge this into ${o.file} (or run with --write), then: systemctl reload docker\n`)
+        // stdout stays pure JSON (it can be redirected into a file); the hint goes to stderr.
+        io.stderr.write(`merge this into ${o.file} (or run with --write), then: systemctl reload docker\n`)
         return
       }
       const existing = await readIfExists(o.file)

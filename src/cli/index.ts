@@ -6,7 +6,9 @@ import { ConfigError } from '../errors.js'
 import { createLogger } from '../logger.js'
 import { createDaemon } from '../daemon.js'
 import { registerConfigure } from './configure.js'
+import { registerPrefetch } from './prefetch.js'
 import { registerStatus } from './status.js'
+import { registerAdmin } from './admin.js'
 import { registerKeygen } from './keygen.js'
 
 /** Everything the CLI needs from the process, handed in by main.ts. */
@@ -42,6 +44,8 @@ export async function runCli (argv: string[], io: CliIo): Promise<number> {
     .option('--default-upstream <name>', 'upstream for names without a registry host (default: the first)')
     .option('--credentials-file <file>', 'JSON {"<upstream>": {"username", "password"}}; never logged')
     .option('--tag-ttl <duration>', 'answer tags from cache for this long before revalidating (default 5m)')
+    .option('--max-size <size>', 'disk budget; least recently used content is evicted (default 20GiB)')
+    .option('--max-age <duration>', 'evict content not accessed for this long, or "off" (default 30d)')
     .option('--log-level <level>', 'fatal|error|warn|info|debug|trace|silent (default info)')
     .option('--no-mdns', 'do not discover peers with mDNS')
     .option('--no-mesh', 'run without the LAN mesh (no libp2p at all)')
@@ -60,6 +64,8 @@ export async function runCli (argv: string[], io: CliIo): Promise<number> {
     })
 
   registerStatus(program, io, code => { exitCode = code })
+  registerPrefetch(program, io, code => { exitCode = code })
+  registerAdmin(program, io, code => { exitCode = code })
   registerKeygen(program, io, code => { exitCode = code })
   registerConfigure(program, io, code => { exitCode = code })
 

@@ -26,7 +26,7 @@ import { VerificationError } from '../errors.js'
 import { createDigester, digestAlgorithm, digestHex, tryParseDigest, type Digest } from '../oci/digest.js'
 import { MAX_MANIFEST_BYTES, MediaType, sniffManifestMediaType } from '../oci/media-types.js'
 import type { ByteRange } from '../oci/range.js'
-import type { BlobInfo, BlobMeta, BlobStore, BlobWriter, StoreEvent, TagRecord } from './types.js'
+import type { BlobInfo, BlobMeta, BlobStore, BlobWriter, PinRecord, StoreEvent, TagRecord } from './types.js'
 import { BlobTooLargeError, StoreClosedError } from './errors.js'
 import { KeyedLock, SerialQueue } from './keyed-lock.js'
 
@@ -44,6 +44,8 @@ const BLOB_PREFIX = 'blob!'
 const BLOB_END = 'blob"'
 const TAG_PREFIX = 'tag!'
 const TAG_END = 'tag"'
+const PIN_PREFIX = 'pin!'
+const PIN_END = 'pin"'
 
 type Db = Level<string, unknown>
 type WriterState = 'open' | 'committing' | 'committed' | 'aborted' | 'failed'
@@ -62,6 +64,8 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
   let stopping: Promise<void> | undefined
   let flushTimer: NodeJS.Timeout | undefined
   const blobs = new Map<Digest, BlobInfo>()
+  /** Open read streams per digest: content being served is never evicted under a client. */
+  const readers = new Map<Digest, number>()
   let totalBytes = 0
   const dirty = new Set<Digest>()
   const listeners = new Set<(e: StoreEvent) => void>()
@@ -534,13 +538,20 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
         await dropStale(digest)
         return undefined
       }
-      return fh.createReadStream({
+      const stream = fh.createReadStream({
         highWaterMark: READ_CHUNK,
         autoClose: true,
         // An explicit end lets the stream finish with its last byte, not one read later, so the
         // response completes even when the client closes as soon as it has every byte.
         ...(range !== undefined ? { start: range.start, end: range.end } : info.size > 0 ? { start: 0, end: info.size - 1 } : {}),
       })
+      readers.set(digest, (readers.get(digest) ?? 0) + 1)
+      stream.once('close', () => {
+        const n = (readers.get(digest) ?? 1) - 1
+        if (n <= 0) readers.delete(digest)
+        else readers.set(digest, n)
+      })
+      return stream
     },
 
     async readBuffer (digest, maxBytes) {
@@ -639,6 +650,32 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
 
     usage () {
       return { bytes: totalBytes, blobs: blobs.size }
+    },
+
+    inUse (digest) {
+      return readers.has(digest)
+    },
+
+    async putPin (name, digests) {
+      if (name === '' || name.length > 1024) throw new TypeError('invalid pin name')
+      const value: PinRecord = { name, digests: digests.map(checkDigest), createdAt: Date.now() }
+      await requireDb().put(PIN_PREFIX + name, value)
+    },
+
+    async deletePin (name) {
+      const level = requireDb()
+      const had = (await level.get(PIN_PREFIX + name)) !== undefined
+      if (had) await level.del(PIN_PREFIX + name)
+      return had
+    },
+
+    async * listPins () {
+      for await (const [, value] of requireDb().iterator({ gt: PIN_PREFIX, lt: PIN_END })) {
+        const v = value as Partial<PinRecord>
+        if (typeof v.name === 'string' && Array.isArray(v.digests) && typeof v.createdAt === 'number') {
+          yield { name: v.name, digests: v.digests.filter((d): d is Digest => typeof d === 'string' && tryParseDigest(d) === d), createdAt: v.createdAt }
+        }
+      }
     },
 
     subscribe (listener) {

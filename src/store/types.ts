@@ -26,6 +26,9 @@ export interface TagRecord {
   private: boolean
 }
 
+/** Content an operator pinned: never evicted. `name` is the image reference it was pinned as. */
+export interface PinRecord { name: string, digests: Digest[], createdAt: number }
+
 export interface BlobMeta { mediaType: string, repo?: string, private?: boolean }
 
 /** Events the store emits after an index change has been committed. */
@@ -72,5 +75,11 @@ export interface BlobStore {
   listTags (): AsyncIterable<{ upstream: string, repo: string, tag: string, record: TagRecord }>
   /** Totals over verified content. */
   usage (): { bytes: number, blobs: number }
+  /** True while a read stream of the blob is open (a client is being served from it). */
+  inUse (digest: Digest): boolean
+  putPin (name: string, digests: Digest[]): Promise<void>
+  /** Returns false if there was no such pin. */
+  deletePin (name: string): Promise<boolean>
+  listPins (): AsyncIterable<PinRecord>
   subscribe (listener: (e: StoreEvent) => void): () => void
 }

@@ -1,0 +1,392 @@
+// Several "hosts" on one machine, for mesh tests with mDNS: Linux network namespaces on a bridge
+// (recipe in ../shared/NOTES.md). Needs root and `ip`.
+//
+//   hub namespace  pm<pid>h : br0 (mcast_snooping 0), 10.99.S.1/24 — the upstream registry runs here
+//   node namespace pm<pid>n<i>: eth0 (veth to br0), 10.99.S.(10+i)/24, multicast on,
+//                               route 224.0.0.0/4 dev eth0, no default route
+//
+// Names carry our PID, so parallel or leftover runs never collide. `teardown()` kills every process
+// this lab started (by PID), then deletes every namespace it created; it also runs on process exit.
+// Nothing here touches the root network namespace: mDNS and multicast only ever run in the nodes.
+//
+// The test process itself stays in the root namespace and cannot reach 10.99.S.0/24: it talks to
+// the namespaces through commands run with `ip netns exec` (curl, skopeo, ctr) and through files.
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process'
+import { createHash, randomBytes } from 'node:crypto'
+import { createReadStream } from 'node:fs'
+import { mkdir, mkdtemp, readdir, readlink, rm, stat, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { pipeline } from 'node:stream/promises'
+import { run, waitFor, type RunOptions, type RunResult } from './exec.js'
+
+export interface NetnsNode {
+  /** Namespace name. */
+  ns: string
+  /** 1-based. */
+  index: number
+  /** 10.99.S.(10+index) */
+  ip: string
+}
+
+export interface NetnsProcess {
+  pid: number
+  child: ChildProcess
+  logs: () => string
+  exited: () => boolean
+  /** SIGTERM (SIGKILL after `graceMs`), by PID; resolves once it has exited. Safe to call twice. */
+  stop: (graceMs?: number) => Promise<void>
+}
+
+export interface NetnsLab {
+  hub: string
+  /** The third octet: the subnet is 10.99.S.0/24. */
+  subnet: number
+  /** The hub's br0 address, where the upstream registry listens. */
+  hubIp: string
+  nodes: NetnsNode[]
+  /** Adds one more node namespace to the bridge. */
+  addNode: () => Promise<NetnsNode>
+  /** `ip netns exec ns cmd args` to completion (see run()). */
+  exec: (ns: string, cmd: string, args: readonly string[], o?: RunOptions) => Promise<RunResult>
+  /** Starts a long-running `ip netns exec ns cmd args`; tracked, and killed by PID at teardown. */
+  spawn: (ns: string, cmd: string, args: readonly string[], o?: { cwd?: string, env?: NodeJS.ProcessEnv }) => NetnsProcess
+  /** Tracks a process started elsewhere (e.g. by startDaemon) so that teardown kills it by PID. */
+  track: (pid: number) => void
+  /** GET `url` with curl inside `ns`. Throws on a transport error; any HTTP status is returned. */
+  httpGet: (ns: string, url: string, o?: { timeoutMs?: number }) => Promise<{ status: number, body: string }>
+  /** Idempotent: kill tracked processes by PID, delete every namespace created. */
+  teardown: () => Promise<void>
+}
+
+/** `net:[4026531840]` for a PID (or 'self'). */
+export async function netnsOf (pid: number | 'self'): Promise<string> {
+  return await readlink(`/proc/${pid}/ns/net`)
+}
+
+/** The nsfs inode behind a named namespace (`/run/netns/NAME`), as `net:[INODE]` to compare with netnsOf(). */
+export async function namedNetns (name: string): Promise<string> {
+  const s = await stat(join('/run/netns', name))
+  return `net:[${s.ino}]`
+}
+
+function ipSync (args: string[]): void {
+  execFileSync('ip', args, { stdio: ['ignore', 'ignore', 'pipe'], timeout: 10_000 })
+}
+
+function alive (pid: number): boolean {
+  try { process.kill(pid, 0); return true } catch { return false }
+}
+
+export async function createNetnsLab (o: { nodes: number }): Promise<NetnsLab> {
+  if (typeof process.getuid === 'function' && process.getuid() !== 0) throw new Error('network namespaces need root')
+  const tag = `pm${process.pid}${randomBytes(2).toString('hex')}`
+  const hub = `${tag}h`
+  const subnet = 20 + (process.pid % 200)
+  const hubIp = `10.99.${subnet}.1`
+  const created: string[] = []
+  const tracked = new Set<number>()
+  const procs = new Set<NetnsProcess>()
+  const nodes: NetnsNode[] = []
+  let tornDown = false
+
+  const ip = async (...args: string[]): Promise<void> => { await run('ip', args, { timeoutMs: 10_000 }) }
+
+  // Last resort if the test process dies without afterAll: synchronous, best effort.
+  const onExit = (): void => {
+    if (tornDown) return
+    for (const pid of tracked) { try { process.kill(pid, 'SIGKILL') } catch {} }
+    for (const ns of [...created].reverse()) { try { ipSync(['netns', 'del', ns]) } catch {} }
+  }
+  process.once('exit', onExit)
+
+  async function addNode (): Promise<NetnsNode> {
+    const index = nodes.length + 1
+    const ns = `${tag}n${index}`
+    await ip('netns', 'add', ns)
+    created.push(ns)
+    await ip('-n', ns, 'link', 'set', 'lo', 'up')
+    await ip('-n', hub, 'link', 'add', `veth${index}`, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', ns)
+    await ip('-n', hub, 'link', 'set', `veth${index}`, 'master', 'br0')
+    await ip('-n', hub, 'link', 'set', `veth${index}`, 'up')
+    const addr = `10.99.${subnet}.${10 + index}`
+    await ip('-n', ns, 'addr', 'add', `${addr}/24`, 'dev', 'eth0')
+    await ip('-n', ns, 'link', 'set', 'eth0', 'multicast', 'on', 'up')
+    await ip('-n', ns, 'route', 'add', '224.0.0.0/4', 'dev', 'eth0') // no default route, on purpose
+    const node = { ns, index, ip: addr }
+    nodes.push(node)
+    return node
+  }
+
+  const exec = async (ns: string, cmd: string, args: readonly string[], ro?: RunOptions): Promise<RunResult> =>
+    await run('ip', ['netns', 'exec', ns, cmd, ...args], ro)
+
+  function spawnIn (ns: string, cmd: string, args: readonly string[], so: { cwd?: string, env?: NodeJS.ProcessEnv } = {}): NetnsProcess {
+    const child = spawn('ip', ['netns', 'exec', ns, cmd, ...args], { cwd: so.cwd, env: so.env ?? process.env, stdio: ['ignore', 'pipe', 'pipe'] })
+    const pid = child.pid ?? -1
+    if (pid > 0) tracked.add(pid)
+    const MAX = 16 * 1024 * 1024
+    let log = ''
+    const append = (b: Buffer): void => { if (log.length < MAX) log += b.toString('utf8') }
+    child.stdout?.on('data', append)
+    child.stderr?.on('data', append)
+    let done = false
+    const exitP = new Promise<void>(resolve => {
+      child.once('exit', () => { done = true; tracked.delete(pid); resolve() })
+      child.once('error', e => { log += `\n[spawn error] ${e.message}\n`; done = true; tracked.delete(pid); resolve() })
+    })
+    const p: NetnsProcess = {
+      pid,
+      child,
+      logs: () => log,
+      exited: () => done,
+      async stop (graceMs = 5000) {
+        if (!done && pid > 0) {
+          try { process.kill(pid, 'SIGTERM') } catch {}
+          const t = setTimeout(() => { try { process.kill(pid, 'SIGKILL') } catch {} }, graceMs)
+          try { await exitP } finally { clearTimeout(t) }
+        }
+        procs.delete(p)
+      },
+    }
+    procs.add(p)
+    return p
+  }
+
+  async function httpGet (ns: string, url: string, ho: { timeoutMs?: number } = {}): Promise<{ status: number, body: string }> {
+    const timeoutMs = ho.timeoutMs ?? 5000
+    const r = await exec(ns, 'curl', ['-sS', '--max-time', String(timeoutMs / 1000), '-w', '\n%{http_code}', url], { timeoutMs: timeoutMs + 2000 })
+    const nl = r.stdout.lastIndexOf('\n')
+    return { status: Number(r.stdout.slice(nl + 1)), body: r.stdout.slice(0, nl) }
+  }
+
+  async function teardown (): Promise<void> {
+    if (tornDown) return
+    tornDown = true
+    process.off('exit', onExit)
+    const errors: string[] = []
+    await Promise.all([...procs].map(async p => { await p.stop(3000) }))
+    for (const pid of tracked) { try { process.kill(pid, 'SIGKILL') } catch {} }
+    await waitFor(() => [...tracked].every(pid => !alive(pid)), { timeoutMs: 5000, what: 'tracked processes to exit' }).catch((e: unknown) => errors.push(String(e)))
+    for (const ns of [...created].reverse()) {
+      const r = await run('ip', ['netns', 'del', ns], { allowFailure: true, timeoutMs: 10_000 })
+      if (r.code !== 0) errors.push(`ip netns del ${ns}: ${r.stderr.trim()}`)
+    }
+    const left = (await run('ip', ['netns', 'list'], { allowFailure: true })).stdout.split('\n').filter(l => l.startsWith(tag))
+    if (left.length > 0) errors.push(`namespaces left over: ${left.join(', ')}`)
+    if (errors.length > 0) throw new Error(`netns teardown: ${errors.join('; ')}`)
+  }
+
+  try {
+    await ip('netns', 'add', hub)
+    created.push(hub)
+    await ip('-n', hub, 'link', 'set', 'lo', 'up')
+    await ip('-n', hub, 'link', 'add', 'br0', 'type', 'bridge')
+    await ip('-n', hub, 'link', 'set', 'br0', 'type', 'bridge', 'mcast_snooping', '0') // flood multicast; there is no IGMP querier
+    await ip('-n', hub, 'addr', 'add', `${hubIp}/24`, 'dev', 'br0')
+    await ip('-n', hub, 'link', 'set', 'br0', 'up')
+    for (let i = 0; i < o.nodes; i++) await addNode()
+  } catch (e) {
+    await teardown().catch(() => {})
+    throw e
+  }
+
+  return {
+    hub,
+    subnet,
+    hubIp,
+    nodes,
+    addNode,
+    exec,
+    spawn: spawnIn,
+    track: (pid: number) => { if (pid > 0) tracked.add(pid) },
+    httpGet,
+    teardown,
+  }
+}
+
+// ------------------------------------------------------------------ registry in the hub
+
+export interface NetnsRegistry {
+  /** http://HUBIP:PORT */
+  url: string
+  /** HUBIP:PORT */
+  host: string
+  port: number
+  dir: string
+  logs: () => string
+  readonly running: boolean
+  start: () => Promise<void>
+  stop: () => Promise<void>
+  close: () => Promise<void>
+}
+
+/**
+ * The CNCF distribution registry (`docker-registry serve`) inside `ns` (the hub), listening on
+ * `ip:port`, with the access log on. Its combined-format access lines start with the client address.
+ */
+export async function startNetnsRegistry (lab: NetnsLab, o: { ns: string, ip: string, port?: number, parentDir?: string }): Promise<NetnsRegistry> {
+  const dir = await mkdtemp(join(o.parentDir ?? tmpdir(), 'pullmesh-nsreg-'))
+  await mkdir(join(dir, 'data'))
+  const port = o.port ?? 5000
+  const q = (s: string): string => JSON.stringify(s)
+  const config = [
+    'version: 0.1',
+    'log:', '  level: info', '  formatter: text', '  accesslog:', '    disabled: false',
+    'storage:', '  filesystem:', `    rootdirectory: ${q(join(dir, 'data'))}`, '  delete:', '    enabled: true',
+    '  maintenance:', '    uploadpurging:', '      enabled: false',
+    'http:', `  addr: ${q(`${o.ip}:${port}`)}`, `  secret: ${q(randomBytes(16).toString('hex'))}`,
+    'health:', '  storagedriver:', '    enabled: false',
+  ].join('\n') + '\n'
+  const configPath = join(dir, 'config.yml')
+  await writeFile(configPath, config)
+  const url = `http://${o.ip}:${port}`
+  let proc: NetnsProcess | undefined
+  let prevLogs = ''
+  const env: NodeJS.ProcessEnv = { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: dir } // REGISTRY_* must not leak in
+
+  async function start (): Promise<void> {
+    if (proc !== undefined && !proc.exited()) return
+    if (proc !== undefined) prevLogs += proc.logs()
+    const p = lab.spawn(o.ns, 'docker-registry', ['serve', configPath], { cwd: dir, env })
+    proc = p
+    await waitFor(async () => {
+      if (p.exited()) throw new Error(`docker-registry exited during startup:\n${p.logs().slice(-4000)}`)
+      const r = await lab.httpGet(o.ns, `${url}/v2/`, { timeoutMs: 1000 }).catch(() => undefined)
+      return r?.status === 200
+    }, { timeoutMs: 15_000, intervalMs: 50, what: `docker-registry at ${url} in ${o.ns}` })
+  }
+  async function stop (): Promise<void> { await proc?.stop() }
+
+  await start()
+  return {
+    url,
+    host: `${o.ip}:${port}`,
+    port,
+    dir,
+    logs: () => prevLogs + (proc?.logs() ?? ''),
+    get running () { return proc !== undefined && !proc.exited() },
+    start,
+    stop,
+    async close () { await stop(); await rm(dir, { recursive: true, force: true }) },
+  }
+}
+
+export interface RemoteAccess { remote: string, method: string, path: string, status: number, userAgent: string }
+
+/** Combined-format access lines of the distribution registry, with the client address. */
+export function parseAccessWithRemote (logs: string): RemoteAccess[] {
+  const out: RemoteAccess[] = []
+  const re = /^(\S+) - \S+ \[[^\]]*\] "(GET|HEAD|PUT|POST|PATCH|DELETE) (\S+) HTTP\/[\d.]+" (\d{3}) \S+ "[^"]*" "([^"]*)"/
+  for (const l of logs.split('\n')) {
+    const m = re.exec(l)
+    if (m === null) continue
+    const remote = (m[1] ?? '').replace(/:\d+$/, '')
+    out.push({ remote, method: m[2] ?? '', path: m[3] ?? '', status: Number(m[4]), userAgent: m[5] ?? '' })
+  }
+  return out
+}
+
+// ------------------------------------------------------------------ containerd in a node
+
+export interface NetnsContainerd {
+  dir: string
+  socket: string
+  pid: number
+  logs: () => string
+  /** `ip netns exec NS ctr -a SOCK ...args` */
+  ctr: (args: string[], o?: { allowFailure?: boolean, timeoutMs?: number }) => Promise<RunResult>
+  /** Every blob in the content store, each verified by hashing the file against its name. */
+  verifyContentStore: () => Promise<string[]>
+  stop: () => Promise<void>
+}
+
+async function sha256File (path: string): Promise<string> {
+  const h = createHash('sha256')
+  await pipeline(createReadStream(path, { highWaterMark: 1 << 20 }), h)
+  return h.digest('hex')
+}
+
+/** containerd 1.6 inside `ns`, with root, state and sockets in a temp dir, CRI off. ctr runs in `ns` too. */
+export async function startNetnsContainerd (lab: NetnsLab, ns: string, parentDir?: string): Promise<NetnsContainerd> {
+  const dir = await mkdtemp(join(parentDir ?? tmpdir(), 'pullmesh-nsctrd-'))
+  const root = join(dir, 'root')
+  const state = join(dir, 'state')
+  const socket = join(dir, 'containerd.sock')
+  await mkdir(root, { recursive: true })
+  await mkdir(state, { recursive: true })
+  const config = [
+    'version = 2',
+    `root = "${root}"`,
+    `state = "${state}"`,
+    'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", ' +
+      '"io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", ' +
+      '"io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]',
+    '', '[grpc]', `  address = "${socket}"`, '', '[ttrpc]', `  address = "${socket}.ttrpc"`, '',
+    '[debug]', '  address = ""', '', '[metrics]', '  address = ""', '',
+  ].join('\n')
+  const configFile = join(dir, 'config.toml')
+  await writeFile(configFile, config)
+  const p = lab.spawn(ns, 'containerd', ['--config', configFile, '--log-level', 'warn'])
+  const ctr = async (args: string[], co: { allowFailure?: boolean, timeoutMs?: number } = {}): Promise<RunResult> =>
+    await lab.exec(ns, 'ctr', ['-a', socket, ...args], { allowFailure: co.allowFailure, timeoutMs: co.timeoutMs ?? 180_000 })
+  // ip netns exec gives containerd its own (slave) mount namespace: its mounts die with it.
+  const cleanup = async (): Promise<void> => { await p.stop(); await rm(dir, { recursive: true, force: true }) }
+  try {
+    await waitFor(async () => {
+      if (p.exited()) throw new Error(`containerd exited early:\n${p.logs()}`)
+      await stat(socket)
+      return (await ctr(['version'], { allowFailure: true, timeoutMs: 5000 })).code === 0
+    }, { timeoutMs: 20_000, what: `containerd in ${ns}` })
+  } catch (e) {
+    await cleanup()
+    throw new Error(`containerd did not start in ${ns}: ${String(e)}\n${p.logs()}`)
+  }
+  const contentDir = join(root, 'io.containerd.content.v1.content', 'blobs', 'sha256')
+  return {
+    dir,
+    socket,
+    pid: p.pid,
+    logs: p.logs,
+    ctr,
+    async verifyContentStore () {
+      let names: string[] = []
+      try { names = await readdir(contentDir) } catch {}
+      const bad: string[] = []
+      for (const n of names) {
+        const got = await sha256File(join(contentDir, n))
+        if (got !== n) bad.push(`${n} hashes to ${got}`)
+      }
+      if (bad.length > 0) throw new Error(`containerd content store corrupt:\n  ${bad.join('\n  ')}`)
+      return names.map(n => 'sha256:' + n)
+    },
+    stop: cleanup,
+  }
+}
+
+// ------------------------------------------------------------------ plain HTTP file server
+
+/**
+ * A tiny node HTTP server inside `ns` serving one file at `/file` (1 MiB read chunks, like the
+ * daemon's store reads): the baseline for peer-to-peer throughput. Resolves once it answers.
+ */
+export async function startFileServer (lab: NetnsLab, node: NetnsNode, file: string, port = 8080): Promise<{ url: string, stop: () => Promise<void> }> {
+  const script = `
+    const http = require('node:http'); const fs = require('node:fs')
+    const file = process.argv[1]
+    http.createServer((req, res) => {
+      if (req.url !== '/file') { res.writeHead(404); res.end(); return }
+      const size = fs.statSync(file).size
+      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': size })
+      if (req.method === 'HEAD') { res.end(); return }
+      fs.createReadStream(file, { highWaterMark: 1 << 20 }).pipe(res)
+    }).listen(${port}, '0.0.0.0', () => console.log('ready'))`
+  const p = lab.spawn(node.ns, process.execPath, ['-e', script, file])
+  const url = `http://${node.ip}:${port}/file`
+  await waitFor(async () => {
+    if (p.exited()) throw new Error(`file server exited:\n${p.logs()}`)
+    return p.logs().includes('ready')
+  }, { timeoutMs: 10_000, what: 'file server' })
+  return { url, stop: async () => { await p.stop() } }
+}
+
