@@ -70,7 +70,7 @@ export function parseImage (input: string): Image {
     if (err instanceof OciError) throw new PrefetchUsageError(`"${name}" is not an image reference (expected [registry/]repository[:tag][@digest])`)
     throw err
   }
-  let registry = ref.registry?.toLowerCase()
+  const registry = ref.registry?.toLowerCase()
   if (registry !== undefined && !REGISTRY.test(registry)) {
     throw new PrefetchUsageError(`"${name}": "${ref.registry ?? ''}" is not a registry host name`)
   }
@@ -82,7 +82,7 @@ export function parseImage (input: string): Image {
     repoPart = repoPart.slice(0, colon)
     if (!ref.reference.includes(':') || !/^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$/.test(tag)) throw new PrefetchUsageError(`"${name}": invalid tag "${tag}"`)
   }
-  let reference = ref.reference
+  const reference = ref.reference
   let repo: RepoName
   try {
     repo = parseRepoName(repoPart)
@@ -102,8 +102,6 @@ export function parseImage (input: string): Image {
     }
     throw err
   }
-  if (digest !== undefined) reference = digest
-  if (registry === '') registry = undefined
   return { name, registry, repo, reference, digest }
 }
 
@@ -367,8 +365,8 @@ async function prefetchImage (ctx: RunContext, image: Image): Promise<ImageResul
       ctx.reporter.blobFailed(image, digest, err)
     })
     if (failed.length > 0) {
-      const first = failed[0]!
-      throw new PrefetchError(first.code, `${failed.length} of ${blobs.size} blobs failed (first: ${first.message})`)
+      const codes = [...new Set(failed.map(e => e.code))].join(', ')
+      throw new PrefetchError(failed[0]!.code, `${failed.length} of ${blobs.size} blobs failed (${codes})`)
     }
     result.ok = true
     ctx.reporter.imageDone(image, result)
@@ -475,8 +473,8 @@ async function transferBlob (ctx: RunContext, image: Image, d: Descriptor): Prom
     } catch (err) {
       if (err instanceof PrefetchError || ctx.signal?.aborted === true) throw err
       throw new PrefetchError('PM_TRANSFER_BROKEN',
-        `blob ${d.digest}: the transfer broke after ${formatBytes(n)}${d.size !== undefined ? ` of ${formatBytes(d.size)}` : ''} (${(err as Error).message}); ` +
-        'the daemon aborts a transfer when the upstream fails or sends bytes that do not match the digest', { cause: err })
+        `blob ${d.digest}: the transfer broke after ${formatBytes(n)}${d.size !== undefined ? ` of ${formatBytes(d.size)}` : ''} ` +
+        `(${(err as Error).message}; the daemon aborts a blob whose upstream transfer fails or does not match its digest)`, { cause: err })
     }
     const got = `${d.digest.slice(0, d.digest.indexOf(':'))}:${hash.digest('hex')}`
     if (got !== d.digest) throw new PrefetchError('PM_DIGEST_MISMATCH', `blob ${d.digest}: received bytes hash to ${got}`)

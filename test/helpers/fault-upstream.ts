@@ -239,13 +239,28 @@ export async function startFaultUpstream (opts: FaultUpstreamOptions = {}): Prom
   }
 
   async function dribble (res: ServerResponse, body: Buffer, chunk: number, delayMs: number): Promise<void> {
-    for (let off = 0; off < body.length; off += chunk) {
-      if (closed || res.destroyed) return
-      const ok = res.write(body.subarray(off, off + chunk))
-      if (!ok) await new Promise<void>(resolve => { res.once('drain', resolve); res.once('close', resolve) })
-      if (off + chunk < body.length) await new Promise<void>(resolve => { const t = setTimeout(resolve, delayMs); res.once('close', () => { clearTimeout(t); resolve() }) })
+    // One 'close' listener for the whole dribble: a waiter per chunk would pile up listeners.
+    let wake: (() => void) | undefined
+    const onClose = (): void => { wake?.() }
+    res.once('close', onClose)
+    const wait = async (arm: (done: () => void) => () => void): Promise<void> => {
+      await new Promise<void>(resolve => {
+        if (closed || res.destroyed) { resolve(); return }
+        const disarm = arm(() => { wake = undefined; disarm(); resolve() })
+        wake = () => { wake = undefined; disarm(); resolve() }
+      })
     }
-    if (!closed && !res.destroyed) res.end()
+    try {
+      for (let off = 0; off < body.length; off += chunk) {
+        if (closed || res.destroyed) return
+        const ok = res.write(body.subarray(off, off + chunk))
+        if (!ok) await wait(done => { res.once('drain', done); return () => res.off('drain', done) })
+        if (off + chunk < body.length) await wait(done => { const t = setTimeout(done, delayMs); return () => clearTimeout(t) })
+      }
+      if (!closed && !res.destroyed) res.end()
+    } finally {
+      res.off('close', onClose)
+    }
   }
 
   return {

@@ -92,20 +92,20 @@ beforeAll(async () => {
   await run('npx', ['tsc', '-p', 'tsconfig.json'], { cwd: ROOT, timeoutMs: 180_000 })
 }, 200_000)
 
-beforeEach(async () => {
-  up = await startFaultUpstream()
-  seeded = seed(up)
-  dataDir = await mkdtemp(join(tmpdir(), 'pm-prefetch-'))
-  daemon = await startDaemon()
-})
-
-afterEach(async () => {
-  await daemon.stop()
-  await up.close()
-  await rm(dataDir, { recursive: true, force: true })
-})
-
 describe('pullmesh prefetch', () => {
+  beforeEach(async () => {
+    up = await startFaultUpstream()
+    seeded = seed(up)
+    dataDir = await mkdtemp(join(tmpdir(), 'pm-prefetch-'))
+    daemon = await startDaemon()
+  })
+
+  afterEach(async () => {
+    await daemon.stop()
+    await up.close()
+    await rm(dataDir, { recursive: true, force: true })
+  })
+
   it('prefetches every platform of an image, addressing an upstream with a port through ?ns=', async () => {
     const r = await prefetch('--url', daemon.url(), image())
     expect(r.stderr).toBe('')
