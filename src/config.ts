@@ -311,9 +311,13 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
 
   const mdns = bool(s.mdns, 'mdns', problems) ?? true
   const meshEnabled = bool(s.mesh, 'mesh', problems) ?? true
-  for (const a of [...(s.bootstrap ?? []), ...(s.p2pListen ?? [])]) {
-    if (!/^\/(ip4|ip6|dns|dns4|dns6)\/[^/]+\/tcp\/\d+(\/p2p\/[A-Za-z0-9]+)?$/.test(a)) problems.push(`multiaddr: expected /ip4/HOST/tcp/PORT[/p2p/ID], got "${a}"`)
+  for (const a of s.p2pListen ?? []) {
+    if (!/^\/(ip4|ip6)\/[^/]+\/tcp\/\d+$/.test(a)) problems.push(`p2p-listen: expected /ip4/HOST/tcp/PORT, got "${a}"`)
   }
+  for (const a of s.bootstrap ?? []) {
+    if (!/^\/(ip4|ip6|dns|dns4|dns6)\/[^/]+\/tcp\/\d+\/p2p\/[A-Za-z0-9]+$/.test(a)) problems.push(`bootstrap: expected /ip4/HOST/tcp/PORT/p2p/PEER-ID, got "${a}"`)
+  }
+  if (s.meshKey !== undefined) checkMeshKey(s.meshKey, problems)
 
   if (problems.length > 0) throw new ConfigError(problems)
 
@@ -339,6 +343,21 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
     },
   }
   return deepFreeze(config)
+}
+
+/** A libp2p pnet key file: `/key/swarm/psk/1.0.0/`, an encoding line, and the 32-byte key. Never echoed. */
+function checkMeshKey (path: string, problems: string[]): void {
+  let text: string
+  try {
+    text = readFileSync(path, 'utf8')
+  } catch (err) {
+    problems.push(`mesh-key ${path}: cannot read it (${(err as NodeJS.ErrnoException).code ?? 'error'}); create one with "pullmesh keygen FILE"`)
+    return
+  }
+  const lines = text.trim().split(/\r?\n/)
+  if (lines[0] !== '/key/swarm/psk/1.0.0/' || lines[1] !== '/base16/' || !/^[0-9a-fA-F]{64}$/.test(lines[2] ?? '')) {
+    problems.push(`mesh-key ${path}: not a mesh key file; create one with "pullmesh keygen FILE"`)
+  }
 }
 
 const credentialsSchema = z.record(z.string(), z.object({ username: z.string().min(1), password: z.string() }).strict())

@@ -2,7 +2,7 @@ import { mkdtempSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
-import { buildConfig, mergeSettings, parseDuration, parseHostPort, settingsFromEnv, settingsFromFile } from '../../src/config.js'
+import { buildConfig, mergeSettings, parseDuration, parseHostPort, parseSize, settingsFromEnv, settingsFromFile } from '../../src/config.js'
 import { ConfigError } from '../../src/errors.js'
 
 const env = { HOME: '/home/u' }
@@ -67,5 +67,28 @@ describe('config', () => {
     expect(parseHostPort('[::1]:5000')).toEqual({ host: '::1', port: 5000 })
     expect(parseHostPort('localhost:0')).toEqual({ host: 'localhost', port: 0 })
     expect(parseHostPort('5000')).toBeUndefined()
+    expect(parseSize('500MiB')).toBe(500 * 2 ** 20)
+    expect(parseSize('2GB')).toBe(2e9)
+    expect(parseSize('1.5TiB')).toBe(1.5 * 2 ** 40)
+    expect(parseSize('12 parsecs')).toBeUndefined()
+  })
+  it('validates mesh settings, sizes and ages, never echoing a key', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pm-cfg-'))
+    const key = join(dir, 'mesh.key')
+    writeFileSync(key, '/key/swarm/psk/1.0.0/\n/base16/\n' + 'ab'.repeat(32) + '\n')
+    const ok = buildConfig({ meshKey: key, bootstrap: ['/ip4/10.0.0.5/tcp/4001/p2p/12D3KooWabc'], p2pListen: ['/ip4/0.0.0.0/tcp/4001'], maxSize: '50GiB', maxAge: 'off' }, env)
+    expect(ok.mesh.meshKeyFile).toBe(key)
+    expect(ok.maxBytes).toBe(50 * 2 ** 30)
+    expect(ok.maxAgeMs).toBeUndefined()
+    const bad = join(dir, 'bad.key')
+    writeFileSync(bad, 'secret-material-not-a-key')
+    try {
+      buildConfig({ meshKey: bad, bootstrap: ['/ip4/10.0.0.5/tcp/4001'], maxSize: 'lots', maxAge: 'forever' }, env)
+      expect.unreachable()
+    } catch (e) {
+      const p = (e as ConfigError).problems.join('\n')
+      for (const word of ['mesh-key', 'bootstrap', 'max-size', 'max-age']) expect(p).toContain(word)
+      expect(p).not.toContain('secret-material')
+    }
   })
 })
