@@ -15,7 +15,6 @@ import { registerStatusRoutes } from './http/status-routes.js'
 import { registerAdminRoutes } from './http/admin-routes.js'
 import { createEvictor, type Evictor } from './store/eviction.js'
 import { createPeerServer } from './http/peer-server.js'
-import { createMesh } from './mesh/index.js'
 import type { Mesh } from './mesh/types.js'
 import { dataPathKey } from './peer-protocol.js'
 
@@ -96,6 +95,8 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
     const key = meshKey !== undefined ? dataPathKey(meshKey) : undefined
     peerHttp = createPeerServer({ resolver, metrics, logger }, { ...(key !== undefined ? { key } : {}) })
     await peerHttp.listen({ host: config.mesh.peerListen.host, port: config.mesh.peerListen.port })
+    // libp2p takes about half a second to load: only a node with the mesh on pays for it.
+    const { createMesh } = await import('./mesh/index.js')
     const dataPort = (peerHttp.server.address() as { port: number }).port
     peerUrl = `http://${config.mesh.peerListen.host}:${dataPort}`
     mesh = createMesh({ logger, metrics, store }, {

@@ -1,7 +1,6 @@
 import type { Command } from 'commander'
 import { open } from 'node:fs/promises'
 import type { CliIo } from './index.js'
-import { generateMeshKey } from '../mesh/index.js'
 
 export function registerKeygen (program: Command, io: CliIo, setExit: (code: number) => void): void {
   program.command('keygen')
@@ -9,6 +8,7 @@ export function registerKeygen (program: Command, io: CliIo, setExit: (code: num
     .argument('<file>', 'where to write the key (created with mode 0600; never overwritten)')
     .action(async (file: string) => {
       try {
+        const { generateMeshKey } = await import('../mesh/index.js')
         const fh = await open(file, 'wx', 0o600)
         try {
           await fh.writeFile(generateMeshKey())

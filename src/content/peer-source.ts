@@ -110,7 +110,10 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
           const buf = Buffer.concat(chunks)
           metrics.peerBytes.inc({ direction: 'in' }, buf.length)
           if (buf.length !== r.size) throw new PeerProtocolError('short body')
-          if (digestOf(buf, digest) !== digest) throw new VerificationError('peer sent bytes that do not match the digest', digest)
+          if (digestOf(buf, digest) !== digest) {
+            metrics.verificationFailures.inc({ source: 'peer' })
+            throw new VerificationError('peer sent bytes that do not match the digest', digest)
+          }
           mesh.report(peer.peerId, 'good')
           return buf
         } catch (err) {
