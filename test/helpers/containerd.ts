@@ -78,8 +78,12 @@ async function sha256File (path: string): Promise<string> {
   return h.digest('hex')
 }
 
-export async function startContainerd (): Promise<Containerd> {
-  const dir = await mkdtemp(join(tmpdir(), 'pullmesh-ctrd-'))
+/**
+ * A containerd 1.6 config with root, state and sockets in a new temp dir (under `parentDir`), CRI and
+ * the snapshotters and tracing this machine lacks turned off. Shared by the root-namespace and netns helpers.
+ */
+export async function writeContainerdConfig (prefix: string, parentDir?: string): Promise<{ dir: string, root: string, state: string, socket: string, configFile: string }> {
+  const dir = await mkdtemp(join(parentDir ?? tmpdir(), prefix))
   const root = join(dir, 'root')
   const state = join(dir, 'state')
   const socket = join(dir, 'containerd.sock')
@@ -92,22 +96,16 @@ export async function startContainerd (): Promise<Containerd> {
     'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", ' +
       '"io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", ' +
       '"io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]',
-    '',
-    '[grpc]',
-    `  address = "${socket}"`,
-    '',
-    '[ttrpc]',
-    `  address = "${socket}.ttrpc"`,
-    '',
-    '[debug]',
-    '  address = ""',
-    '',
-    '[metrics]',
-    '  address = ""',
-    '',
+    '', '[grpc]', `  address = "${socket}"`, '', '[ttrpc]', `  address = "${socket}.ttrpc"`, '',
+    '[debug]', '  address = ""', '', '[metrics]', '  address = ""', '',
   ].join('\n')
   const configFile = join(dir, 'config.toml')
   await writeFile(configFile, config)
+  return { dir, root, state, socket, configFile }
+}
+
+export async function startContainerd (): Promise<Containerd> {
+  const { dir, root, socket, configFile } = await writeContainerdConfig('pullmesh-ctrd-')
 
   const logChunks: string[] = []
   const child: ChildProcess = spawn('containerd', ['--config', configFile, '--log-level', 'warn'], {

@@ -19,6 +19,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { pipeline } from 'node:stream/promises'
 import { run, waitFor, type RunOptions, type RunResult } from './exec.js'
+import { writeContainerdConfig } from './containerd.js'
 
 export interface NetnsNode {
   /** Namespace name. */
@@ -309,24 +310,7 @@ async function sha256File (path: string): Promise<string> {
 
 /** containerd 1.6 inside `ns`, with root, state and sockets in a temp dir, CRI off. ctr runs in `ns` too. */
 export async function startNetnsContainerd (lab: NetnsLab, ns: string, parentDir?: string): Promise<NetnsContainerd> {
-  const dir = await mkdtemp(join(parentDir ?? tmpdir(), 'pullmesh-nsctrd-'))
-  const root = join(dir, 'root')
-  const state = join(dir, 'state')
-  const socket = join(dir, 'containerd.sock')
-  await mkdir(root, { recursive: true })
-  await mkdir(state, { recursive: true })
-  const config = [
-    'version = 2',
-    `root = "${root}"`,
-    `state = "${state}"`,
-    'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", ' +
-      '"io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", ' +
-      '"io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]',
-    '', '[grpc]', `  address = "${socket}"`, '', '[ttrpc]', `  address = "${socket}.ttrpc"`, '',
-    '[debug]', '  address = ""', '', '[metrics]', '  address = ""', '',
-  ].join('\n')
-  const configFile = join(dir, 'config.toml')
-  await writeFile(configFile, config)
+  const { dir, root, socket, configFile } = await writeContainerdConfig('pullmesh-nsctrd-', parentDir)
   const p = lab.spawn(ns, 'containerd', ['--config', configFile, '--log-level', 'warn'])
   const ctr = async (args: string[], co: { allowFailure?: boolean, timeoutMs?: number } = {}): Promise<RunResult> =>
     await lab.exec(ns, 'ctr', ['-a', socket, ...args], { allowFailure: co.allowFailure, timeoutMs: co.timeoutMs ?? 180_000 })
