@@ -14,9 +14,12 @@ import { Agent, request, type Dispatcher } from 'undici'
 import { OciError } from '../errors.js'
 import { createDigester, digestOf, tryParseDigest, type Digest } from '../oci/digest.js'
 import { parseImageRef } from '../oci/image-ref.js'
-import { INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, sniffManifestMediaType } from '../oci/media-types.js'
+import { MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES } from '../oci/media-types.js'
+import { ManifestInvalidError, parseManifest as parseOciManifest, type Descriptor, type ParsedManifest, type Platform } from '../oci/manifest.js'
 import { parseReference, parseRepoName, type RepoName } from '../oci/reference.js'
 import type { CliIo } from './index.js'
+
+export type { Descriptor, ParsedManifest, Platform }
 import { formatBytes } from './status.js'
 
 // ------------------------------------------------------------------ errors
@@ -118,7 +121,6 @@ export function parseImageList (text: string): Array<{ line: number, text: strin
 
 // ------------------------------------------------------------------ platforms
 
-export interface Platform { os: string, architecture: string, variant?: string }
 
 const ARCH_ALIASES: Record<string, { architecture: string, variant?: string }> = {
   x86_64: { architecture: 'amd64' },
@@ -174,70 +176,14 @@ export function selectManifests<T extends { platform?: Platform | undefined }> (
 
 // ------------------------------------------------------------------ manifests
 
-export interface Descriptor {
-  digest: Digest
-  /** Unknown only for schema1 layers. */
-  size: number | undefined
-  mediaType: string | undefined
-  platform?: Platform | undefined
-}
-
-export type ParsedManifest =
-  | { kind: 'index', manifests: Descriptor[] }
-  | { kind: 'image', blobs: Descriptor[], skipped: number }
-
-/**
- * Reads what a manifest points at. Layers that registries do not serve (foreign or
- * non-distributable, e.g. Windows base layers) are skipped and counted.
- */
+/** Reads what a manifest points at; a malformed one is a PM_MANIFEST_INVALID failure of the image. */
 export function parseManifest (bytes: Uint8Array, contentType: string | undefined): ParsedManifest {
-  let doc: Record<string, unknown>
   try {
-    const v = JSON.parse(Buffer.from(bytes).toString('utf8')) as unknown
-    if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new Error('not a JSON object')
-    doc = v as Record<string, unknown>
+    return parseOciManifest(bytes, contentType)
   } catch (err) {
-    throw new PrefetchError('PM_MANIFEST_INVALID', `the manifest is not valid JSON: ${(err as Error).message}`)
+    if (err instanceof ManifestInvalidError) throw new PrefetchError(err.code, err.message)
+    throw err
   }
-  const mediaType = contentType !== undefined && MANIFEST_MEDIA_TYPES.includes(contentType) ? contentType : sniffManifestMediaType(bytes)
-  if ((mediaType !== undefined && INDEX_MEDIA_TYPES.includes(mediaType)) || Array.isArray(doc.manifests)) {
-    return { kind: 'index', manifests: descriptors(doc.manifests, 'manifests') }
-  }
-  if (Array.isArray(doc.fsLayers)) {
-    const seen = new Set<string>()
-    const blobs: Descriptor[] = []
-    for (const l of doc.fsLayers as Array<{ blobSum?: unknown }>) {
-      const d = typeof l?.blobSum === 'string' ? tryParseDigest(l.blobSum) : undefined
-      if (d === undefined) throw new PrefetchError('PM_MANIFEST_INVALID', 'a schema1 layer has no valid blobSum')
-      if (!seen.has(d)) { seen.add(d); blobs.push({ digest: d, size: undefined, mediaType: undefined }) }
-    }
-    return { kind: 'image', blobs, skipped: 0 }
-  }
-  if (doc.config === undefined) throw new PrefetchError('PM_MANIFEST_INVALID', 'the manifest has neither manifests, config nor layers')
-  const all = [...descriptors([doc.config], 'config'), ...descriptors(doc.layers ?? [], 'layers')]
-  const blobs = all.filter(d => !nonDistributable(d.mediaType))
-  return { kind: 'image', blobs, skipped: all.length - blobs.length }
-}
-
-function nonDistributable (mediaType: string | undefined): boolean {
-  return mediaType !== undefined && (mediaType.includes('.nondistributable.') || mediaType.includes('.foreign.'))
-}
-
-function descriptors (v: unknown, field: string): Descriptor[] {
-  if (!Array.isArray(v)) throw new PrefetchError('PM_MANIFEST_INVALID', `the manifest's "${field}" is not a list`)
-  return v.map((x: unknown) => {
-    const o = (typeof x === 'object' && x !== null ? x : {}) as { digest?: unknown, size?: unknown, mediaType?: unknown, platform?: unknown }
-    const digest = typeof o.digest === 'string' ? tryParseDigest(o.digest) : undefined
-    if (digest === undefined) throw new PrefetchError('PM_MANIFEST_INVALID', `an entry of "${field}" has no valid digest`)
-    if (typeof o.size !== 'number' || !Number.isSafeInteger(o.size) || o.size < 0) {
-      throw new PrefetchError('PM_MANIFEST_INVALID', `the entry ${digest} in "${field}" has no valid size`)
-    }
-    const p = o.platform as { os?: unknown, architecture?: unknown, variant?: unknown } | undefined
-    const platform = typeof p?.os === 'string' && typeof p.architecture === 'string'
-      ? { os: p.os, architecture: p.architecture, ...(typeof p.variant === 'string' && p.variant !== '' ? { variant: p.variant } : {}) }
-      : undefined
-    return { digest, size: o.size, mediaType: typeof o.mediaType === 'string' ? o.mediaType : undefined, ...(platform !== undefined ? { platform } : {}) }
-  })
 }
 
 // ------------------------------------------------------------------ the run

@@ -1,29 +1,24 @@
 import type { Digest } from '../oci/digest.js'
-import { tryParseDigest } from '../oci/digest.js'
 import type { Reference, Target } from '../oci/reference.js'
-import { INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES } from '../oci/media-types.js'
+import { MANIFEST_MEDIA_TYPES } from '../oci/media-types.js'
+import { ManifestInvalidError, parseManifest } from '../oci/manifest.js'
 import type { Resolver } from './resolver.js'
 
 /** Everything an image consists of: its manifests (index included) and its blobs (configs, layers). */
 export interface ImageContents { manifests: Digest[], blobs: Array<{ digest: Digest, size: number }> }
 
-/** The digests a manifest or index points at. Pure: malformed entries are ignored. */
+/**
+ * The digests a manifest or index points at, from the shared parser: foreign (non-distributable)
+ * layers, which registries do not serve, are left out. A malformed manifest has no children.
+ */
 export function manifestChildren (body: Buffer, mediaType: string): { manifests: Digest[], blobs: Array<{ digest: Digest, size: number }> } {
-  let doc: { manifests?: unknown, config?: unknown, layers?: unknown }
-  try { doc = JSON.parse(body.toString('utf8')) as typeof doc } catch { return { manifests: [], blobs: [] } }
-  const descs = (v: unknown): Array<{ digest: Digest, size: number, mediaType?: string }> => {
-    if (!Array.isArray(v)) return []
-    const out: Array<{ digest: Digest, size: number, mediaType?: string }> = []
-    for (const x of v as Array<{ digest?: unknown, size?: unknown, mediaType?: unknown }>) {
-      const d = typeof x?.digest === 'string' ? tryParseDigest(x.digest) : undefined
-      if (d !== undefined) out.push({ digest: d, size: typeof x.size === 'number' ? x.size : 0, ...(typeof x.mediaType === 'string' ? { mediaType: x.mediaType } : {}) })
-    }
-    return out
+  let parsed
+  try { parsed = parseManifest(body, mediaType) } catch (err) {
+    if (err instanceof ManifestInvalidError) return { manifests: [], blobs: [] }
+    throw err
   }
-  if (INDEX_MEDIA_TYPES.includes(mediaType) || Array.isArray(doc.manifests)) {
-    return { manifests: descs(doc.manifests).filter(m => m.mediaType === undefined || MANIFEST_MEDIA_TYPES.includes(m.mediaType)).map(m => m.digest), blobs: [] }
-  }
-  return { manifests: [], blobs: [...descs(doc.config !== undefined ? [doc.config] : []), ...descs(doc.layers)].map(({ digest, size }) => ({ digest, size })) }
+  if (parsed.kind === 'index') return { manifests: parsed.manifests.map(m => m.digest), blobs: [] }
+  return { manifests: [], blobs: parsed.blobs.map(b => ({ digest: b.digest, size: b.size ?? 0 })) }
 }
 
 /**
