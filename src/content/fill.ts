@@ -35,6 +35,8 @@ interface Attempt {
   refs: number
   ended: boolean
   ok: boolean
+  /** The file handle is closed (or closing): readers must not take this attempt. */
+  closed: boolean
 }
 
 /**
@@ -100,6 +102,7 @@ export class Fill {
       // The body can fail before the copy starts reading it; the copy sees that error through
       // the stream's errored state, so a listener must be there to keep it from being uncaught.
       opened.body.on('error', () => {})
+      // Only a size readers may already have been told of is binding (a failed peer's claim is not).
       if (this.size !== undefined && this.size !== opened.size) {
         opened.body.destroy()
         const err = new VerificationError(`source ${src.label} reports size ${opened.size}, expected ${this.size}`, this.digest)
@@ -107,8 +110,7 @@ export class Fill {
         lastError = err
         continue
       }
-      this.size = opened.size
-      const error = await this.copy(opened.body, src, signal)
+      const error = await this.copy(opened.body, opened.size, src, signal)
       if (error === undefined) {
         src.onSuccess?.()
         this.source = src
@@ -128,17 +130,18 @@ export class Fill {
   }
 
   /** Copies one source's body into a fresh temp file. Returns the error, or undefined when committed. */
-  private async copy (body: Readable, src: FillSource, signal: AbortSignal): Promise<unknown> {
+  private async copy (body: Readable, size: number, src: FillSource, signal: AbortSignal): Promise<unknown> {
     const onAbort = (): void => { body.destroy(signal.reason instanceof Error ? signal.reason : new Error('aborted')) }
     signal.addEventListener('abort', onAbort, { once: true })
     let att: Attempt | undefined
     let writer: BlobWriter | undefined
     try {
-      writer = await this.store.createWriter(this.digest, { expectedSize: this.size })
+      writer = await this.store.createWriter(this.digest, { expectedSize: size })
       const fh = await open(writer.tempPath, 'r')
-      att = { writer, fh, streamable: src.streamable, refs: 1, ended: false, ok: false }
+      att = { writer, fh, streamable: src.streamable, refs: 1, ended: false, ok: false, closed: false }
       this.current = att
-      this.resolveSize(this.size!)
+      // A streamed source's size goes out in response headers now; a peer's only once its bytes verified.
+      if (src.streamable) this.publishSize(size)
       this.wake()
       for await (const chunk of body) {
         src.onBytes?.((chunk as Buffer).length)
@@ -146,6 +149,7 @@ export class Fill {
         if (att.streamable) this.wake()
       }
       this.info = await writer.commit(this.meta)
+      this.publishSize(size)
       att.ok = true
       return undefined
     } catch (error) {
@@ -163,9 +167,18 @@ export class Fill {
     }
   }
 
+  private publishSize (size: number): void {
+    if (this.size !== undefined) return
+    this.size = size
+    this.resolveSize(size)
+  }
+
   private release (att: Attempt): void {
     att.refs--
-    if (att.refs === 0 && att.ended) void att.fh.close().catch(() => {})
+    if (att.refs === 0 && att.ended) {
+      att.closed = true
+      void att.fh.close().catch(() => {})
+    }
   }
 
   private wake (): void {
@@ -193,8 +206,8 @@ export class Fill {
 
     const take = (a: Attempt | undefined): void => {
       if (att !== undefined) fill.release(att)
-      att = a
-      if (a !== undefined) a.refs++
+      att = a !== undefined && !a.closed ? a : undefined
+      if (att !== undefined) att.refs++
     }
     take(this.current)
 
@@ -213,12 +226,18 @@ export class Fill {
                 continue
               }
               const e = end()
-              if (pos >= e) { this.push(null); return }
+              // A reader ends only once the whole blob has verified, even when its range is done (or empty).
+              if (pos >= e) {
+                if (fill.state === 'done' || fill.info !== undefined || att?.ok === true) { this.push(null); return }
+                if (fill.state === 'failed') throw fill.error
+                await fill.changed()
+                continue
+              }
               if (att === undefined || (att.ended && !att.ok)) {
                 if (fill.state === 'failed') throw fill.error
                 if (sent > 0) throw fill.error ?? new Error('the fill lost its source mid-stream')
-                if (fill.state === 'done') {
-                  // Raced past the attempt that succeeded: read the stored blob instead.
+                if (fill.state === 'done' || fill.info !== undefined) {
+                  // The attempt that succeeded has let go of its file: read the stored blob instead.
                   take(undefined)
                   const s = await fill.store.createReadStream(fill.digest, { start: pos, end: e - 1 })
                   if (s === undefined) throw new Error('blob vanished from the store after its fill')
