@@ -155,6 +155,39 @@ describe('bad upstream bytes are never served whole or cached', () => {
     })
   }
 
+  it('an upstream that claims an empty body for a non-empty digest never completes a response', async () => {
+    const { createServer } = await import('node:http')
+    const liar = createServer((req, res) => {
+      if (req.url?.includes('/blobs/') === true) { res.writeHead(200, { 'content-length': '0', 'content-type': 'application/octet-stream' }); res.end(); return }
+      res.writeHead(200, { 'content-type': 'application/json' }); res.end('{}')
+    })
+    await new Promise<void>(resolve => liar.listen(0, '127.0.0.1', resolve))
+    const port = (liar.address() as { port: number }).port
+    const liarDaemon = await startDaemon({ upstream: [`liar.test=http://127.0.0.1:${port}`], dataDir: `${dataDir}-liar` })
+    try {
+      const d = sha(Buffer.from('not empty'))
+      const u = new URL(`${liarDaemon.url()}/v2/liar.test/library/app/blobs/${d}`)
+      const r = await new Promise<{ status: number, aborted: boolean, bytes: number }>((resolve, reject) => {
+        const req = httpRequest({ host: u.hostname, port: u.port, path: u.pathname, agent: false }, res => {
+          let bytes = 0
+          let aborted = false
+          res.on('data', (c: Buffer) => { bytes += c.length })
+          res.on('error', () => { aborted = true })
+          res.on('close', () => resolve({ status: res.statusCode ?? 0, aborted: aborted || !res.complete, bytes }))
+        })
+        req.on('error', reject)
+        req.end()
+      })
+      expect(r.status === 200 && !r.aborted, `status ${r.status}, aborted ${r.aborted}`).toBe(false)
+      expect(await liarDaemon.store.stat(parseDigest(d))).toBeUndefined()
+    } finally {
+      await liarDaemon.stop()
+      liar.closeAllConnections()
+      await new Promise(resolve => liar.close(resolve))
+      await rm(`${dataDir}-liar`, { recursive: true, force: true })
+    }
+  })
+
   it('rejects a manifest fetched by digest whose bytes hash differently', async () => {
     const m = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: MediaType.ociManifest, config: {}, layers: [] }))
     const d = up.addManifest('library/app', undefined, m, MediaType.ociManifest)
