@@ -213,12 +213,16 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
   async function staleAnswer (target: Target, tag: string, rec: TagRecord | undefined, cached: ManifestResult | undefined, reason: string): Promise<ManifestResult | undefined> {
     const candidates: Array<{ record: TagRecord, local: boolean }> = []
     if (rec !== undefined && cached !== undefined) candidates.push({ record: rec, local: true })
-    for (const r of peers?.tagRecords(target.upstream, target.repo, tag) ?? []) candidates.push({ record: r, local: false })
+    // Peers' claims are never trusted to be newer than now.
+    for (const r of peers?.tagRecords(target.upstream, target.repo, tag) ?? []) {
+      candidates.push({ record: { ...r, verifiedAt: Math.min(r.verifiedAt, now()) }, local: false })
+    }
     candidates.sort((a, b) => b.record.verifiedAt - a.record.verifiedAt)
     for (const c of candidates) {
       const m = c.local ? cached : await manifestByDigestQuiet(target, c.record.digest)
       if (m === undefined) continue
-      if (!c.local) await store.putTag(target.upstream, target.repo, tag, { ...c.record, private: false })
+      // A mesh record is kept as already due for revalidation: the upstream is asked as soon as it answers.
+      if (!c.local) await store.putTag(target.upstream, target.repo, tag, { ...c.record, verifiedAt: Math.min(c.record.verifiedAt, now() - init.tagTtlMs - 1), private: false })
       metrics.staleServed.inc({ upstream: target.upstream })
       log.warn({ upstream: target.upstream, repo: target.repo, tag, digest: c.record.digest, verifiedAt: new Date(c.record.verifiedAt).toISOString(), from: c.local ? 'local' : 'mesh', reason }, 'upstream failed; serving cached tag (stale-if-error)')
       return m

@@ -45,6 +45,9 @@ export function formatDataUrl (host: string, port: number): string {
   return host.includes(':') ? `http://[${host}]:${port}` : `http://${host}:${port}`
 }
 
+/** How far ahead of our clock a peer's timestamps may be. */
+export const MAX_CLOCK_SKEW_MS = 60_000
+
 export class PeerIndex {
   private readonly peers = new Map<string, PeerState>()
   private readonly byDigest = new Map<Digest, Set<string>>()
@@ -153,6 +156,9 @@ export class PeerIndex {
   putTag (peerId: string, entry: TagEntry, now: number): void {
     const p = this.peer(peerId, now)
     if (p === undefined) return
+    // A claim of verification in the future (a hostile peer, or a clock far ahead) is capped at the
+    // clock skew allowed; the resolver never trusts it beyond its own "now" either.
+    if (entry.record.verifiedAt > now + MAX_CLOCK_SKEW_MS) entry = { ...entry, record: { ...entry.record, verifiedAt: now + MAX_CLOCK_SKEW_MS } }
     const key = tagKey(entry.upstream, entry.repo, entry.tag)
     const old = p.tags.get(key)
     if (old === undefined) {

@@ -126,16 +126,26 @@ export function createUpstreamClient (components: UpstreamComponents, init: Upst
     let url: URL
     try { url = new URL(realm) } catch { throw new UpstreamProtocolError(name, 'bearer challenge has an invalid realm') }
     if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new UpstreamProtocolError(name, 'bearer realm must be http or https')
+    // Credentials for an https upstream never travel in clear text.
+    if (url.protocol === 'http:' && new URL(origin).protocol === 'https:') throw new UpstreamProtocolError(name, 'bearer realm of an https upstream must be https')
     if (service !== undefined) url.searchParams.set('service', service)
     url.searchParams.set('scope', scope)
     const headers: Record<string, string> = { accept: 'application/json' }
     if (credentials !== undefined) headers.authorization = basicAuthorization(credentials)
-    const res = await send(agent, { origin: url.origin, path: url.pathname + url.search }, { kind: 'token', method: 'GET', repo: scope, headers })
-    if (res.statusCode !== 200) {
-      await discard(res)
-      throw statusError(res, 'token service')
+    // Shared by every fill of this scope: bounded as a whole, so a trickling token endpoint cannot hold them.
+    const signal = AbortSignal.timeout(init.headersTimeoutMs + init.bodyIdleTimeoutMs)
+    let body: Buffer
+    try {
+      const res = await send(agent, { origin: url.origin, path: url.pathname + url.search }, { kind: 'token', method: 'GET', repo: scope, headers, signal })
+      if (res.statusCode !== 200) {
+        await discard(res)
+        throw statusError(res, 'token service')
+      }
+      body = await readBounded(res, MAX_TOKEN_RESPONSE_BYTES, 'token response', signal)
+    } catch (e) {
+      if (signal.aborted) throw new UpstreamUnavailableError(name, 'the token service did not answer in time')
+      throw e
     }
-    const body = await readBounded(res, MAX_TOKEN_RESPONSE_BYTES, 'token response')
     let doc: unknown
     try { doc = JSON.parse(body.toString('utf8')) } catch { doc = undefined }
     const grant = parseTokenResponse(doc)
@@ -162,6 +172,13 @@ export function createUpstreamClient (components: UpstreamComponents, init: Upst
     const sent = await authorizationFor(scope, ex.signal)
     const res = await send(dispatcher, url, { ...ex, headers: withAuth(ex.headers, sent) })
     if (res.statusCode !== 401) return res
+    // The 401 may come from a redirect target (a CDN): credentials answer only our own origin's challenge.
+    const history = (res.context as { history?: URL[] } | undefined)?.history
+    const answeredBy = history !== undefined && history.length > 0 ? history[history.length - 1]!.origin : origin
+    if (answeredBy !== origin) {
+      await discard(res)
+      throw new UpstreamDeniedError(name, 401, 'a redirect target asked for credentials; none were sent')
+    }
     const challenges = parseWwwAuthenticate(res.headers['www-authenticate'])
     await discard(res)
     let next: string | undefined

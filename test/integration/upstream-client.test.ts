@@ -213,6 +213,20 @@ describe('upstream client against the fault upstream', () => {
     expect(cdn.requests[0]?.headers.authorization).toBeUndefined()
   })
 
+  it('never sends credentials to a token realm named by a redirect target', async () => {
+    // A hostile (or misconfigured) CDN behind a redirect answers 401 with its own Bearer realm.
+    const cdn = await startFaultUpstream({ auth: { username: 'u', password: 'p' } })
+    extra.push(cdn)
+    const data = randomBytes(2048)
+    const digest = up.addBlob(repo, data) as Digest
+    cdn.addBlob(repo, data)
+    up.setFault({ kind: 'redirect', to: cdn.url })
+    const c = client({ credentials: { username: 'u', password: 'p' } })
+    await expect(c.getBlob(repo, digest)).rejects.toBeInstanceOf(UpstreamDeniedError)
+    expect(cdn.requests.filter(r => r.path === '/token')).toEqual([])
+    expect(cdn.requests.every(r => r.headers.authorization === undefined)).toBe(true)
+  })
+
   it('does the anonymous bearer flow once per scope and caches the token', async () => {
     const data = randomBytes(100)
     const digest = up.addBlob(repo, data) as Digest

@@ -9,7 +9,7 @@ import {
   encodeAdds, encodeRemoves, encodeRemoveAll, encodeTag, encodeHello, frameReq, frameInv, frameBlobs, frameTags, frameEnd,
   type BlobEntry, type TagEntry,
 } from '../../src/mesh/messages.js'
-import { PeerIndex, formatDataUrl } from '../../src/mesh/peer-index.js'
+import { MAX_CLOCK_SKEW_MS, PeerIndex, formatDataUrl } from '../../src/mesh/peer-index.js'
 import { loadOrCreatePeerKey, PeerKeyError } from '../../src/mesh/peer-key.js'
 import { generateMeshKey } from '../../src/mesh/mesh.js'
 
@@ -209,5 +209,12 @@ describe('peer key', () => {
     await writeFile(join(dir, 'peer-key'), 'garbage', { mode: 0o600 })
     await expect(loadOrCreatePeerKey(dir)).rejects.toBeInstanceOf(PeerKeyError)
     expect(await readFile(join(dir, 'peer-key'), 'utf8')).toBe('garbage')
+  })
+  it('caps tag records claiming verification in the future at the allowed clock skew', () => {
+    const ix = new PeerIndex({ peerTtlMs: 1_000, entryTtlMs: 10_000 })
+    const now = 1_700_000_000_000
+    const t = tag('future', 9e15)
+    ix.putTag('liar', t, now)
+    expect(ix.tagRecords('docker.io', 'library/alpine', 'future', now)[0]!.record.verifiedAt).toBe(now + MAX_CLOCK_SKEW_MS)
   })
 })
