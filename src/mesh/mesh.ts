@@ -2,6 +2,7 @@
 // what peers hold (gossip + an inventory request/response on connect). Bytes move elsewhere (HTTP).
 import '../polyfills.js'
 import { randomBytes } from 'node:crypto'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { createLibp2p, type Libp2p } from 'libp2p'
 import { tcp } from '@libp2p/tcp'
 import { noise } from '@chainsafe/libp2p-noise'
@@ -121,6 +122,8 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
   const lastInventory = new Map<string, { epoch: string, gen: number, at: number }>()
   const inventoryInFlight = new Map<string, Promise<boolean>>()
   let inventoryResponses = 0
+  /** Peers we are sending an inventory to right now: one response per peer at a time. */
+  const servingTo = new Set<string>()
   /** Decoded messages, handed from the topic validator to the message listener. */
   const validated = new WeakMap<Message, GossipMessage>()
 
@@ -210,6 +213,9 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     if (msg.topic !== ANNOUNCE_TOPIC || msg.type !== 'signed') return
     const from = msg.from.toString()
     if (from === selfId) return
+    // Only peers we hold a connection to are indexed: a relayed signer we cannot reach is of no use, and
+    // any keypair can sign, so indexing strangers would let one node fill every index with made-up peers.
+    if (node === undefined || node.getConnections(msg.from).length === 0) { drop('not-connected'); return }
     let m = validated.get(msg)
     if (m === undefined) {
       const r = decodeGossip(msg.data)
@@ -232,7 +238,12 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
   // ---- inventory: serving ----------------------------------------------------------------
 
   async function serveInventory (stream: Stream, connection: Connection): Promise<void> {
-    if (inventoryResponses >= MAX_CONCURRENT_INVENTORY_RESPONSES) { stream.abort(new InventoryError('BUSY', 'too many inventory requests')); return }
+    const requester = connection.remotePeer.toString()
+    if (inventoryResponses >= MAX_CONCURRENT_INVENTORY_RESPONSES || servingTo.has(requester)) {
+      stream.abort(new InventoryError('BUSY', 'too many inventory requests'))
+      return
+    }
+    servingTo.add(requester)
     inventoryResponses++
     const signal = AbortSignal.any([stopCtl.signal, AbortSignal.timeout(INVENTORY_TIMEOUT_MS)])
     const onAbort = (): void => { stream.abort(new InventoryError('ABORTED', 'inventory response aborted')) }
@@ -283,6 +294,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     } finally {
       signal.removeEventListener('abort', onAbort)
       inventoryResponses--
+      servingTo.delete(requester)
     }
   }
 
@@ -358,6 +370,10 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
       }
       lastInventory.set(id, { epoch: head.epoch, gen: head.gen, at: now })
       log.debug({ peer: id, blobs: blobs.length, tags: tags.length, same: end.same, ms: now - t0 }, 'inventory received')
+    } catch (err) {
+      // Leaving the loop only drops our listeners: abort, or the stream (and its slot) stays open.
+      stream.abort(err instanceof Error ? err : new Error(String(err)))
+      throw err
     } finally {
       signal.removeEventListener('abort', onAbort)
     }
@@ -367,7 +383,11 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
   async function inventoryOnConnect (peerId: PeerId): Promise<void> {
     if (await refreshInventory(peerId)) return
     for (const delay of CONNECT_RETRY_DELAYS) {
-      await new Promise(resolve => setTimeout(resolve, delay))
+      try {
+        await sleep(delay, undefined, { signal: stopCtl.signal })
+      } catch {
+        return // stopping
+      }
       if (state !== 'started' || node === undefined || node.getConnections(peerId).length === 0) return
       if (await refreshInventory(peerId)) return
     }

@@ -538,6 +538,12 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
         await dropStale(digest)
         return undefined
       }
+      // A file damaged from outside the store (truncated, replaced) must not stream short.
+      if ((await fh.stat()).size !== info.size) {
+        await fh.close()
+        await dropStale(digest)
+        return undefined
+      }
       const stream = fh.createReadStream({
         highWaterMark: READ_CHUNK,
         autoClose: true,

@@ -193,7 +193,7 @@ describe('peers before the upstream', () => {
     expect(score).toBeLessThan(0)
   })
 
-  it('a peer whose transfer breaks mid-body is dropped and the upstream completes the request', async () => {
+  it('a peer whose copy was damaged on disk does not serve it, and the upstream completes the request', async () => {
     const a = await node()
     const data = randomBytes(4 * 1024 * 1024)
     const d = up.addBlob('library/app', data)

@@ -1,4 +1,4 @@
-import { appendFile, mkdir, readFile, unlink, writeFile } from 'node:fs/promises'
+import { appendFile, mkdir, readFile, truncate, unlink, writeFile } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
 import { Level } from 'level'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
@@ -154,6 +154,13 @@ describe('fs store', () => {
     expect(events).toEqual([{ type: 'removed', digest }])
     await store.stop()
     expect((await readRawIndex(dataDir)).blobs.size).toBe(0)
+  })
+
+  it('never streams a file that was truncated behind its back: the entry is dropped', async () => {
+    const { digest } = await put(5000)
+    await truncate(blobFile(dataDir, digest), 1000)
+    expect(await store.createReadStream(digest)).toBeUndefined()
+    expect(await store.stat(digest)).toBeUndefined()
   })
 
   it('putBuffer stores manifests, and a repeat put merges repos', async () => {
