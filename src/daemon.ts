@@ -108,7 +108,7 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       ...(meshKey !== undefined ? { meshKey } : {}),
     })
     await mesh.start()
-    peers = createPeerContent({ mesh, metrics, logger }, { timeoutMs: config.mesh.peerTimeoutMs, ...(key !== undefined ? { key } : {}) })
+    peers = createPeerContent({ mesh, metrics, logger }, { timeoutMs: config.mesh.peerTimeoutMs, maxBytes: config.maxBytes, ...(key !== undefined ? { key } : {}) })
     logger.info({ peerUrl, p2p: mesh.multiaddrs(), mdns: config.mesh.mdns, private: meshKey !== undefined }, 'mesh started')
   }
 

@@ -18,6 +18,8 @@ export interface PeerContentInit {
   key?: Buffer
   /** Peers tried per request before the upstream. */
   maxPeers?: number
+  /** Largest blob taken from a peer (the disk budget): an unverified claim never fills the disk. */
+  maxBytes?: number
 }
 
 /** A peer did not start answering within the peer timeout. */
@@ -75,6 +77,10 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
     if (res.statusCode !== 200 || !Number.isSafeInteger(size) || size < 0) {
       await res.body.dump().catch(() => {})
       throw new PeerProtocolError(`peer ${peer.peerId} answered ${res.statusCode}`)
+    }
+    if (init.maxBytes !== undefined && size > init.maxBytes) {
+      res.body.destroy()
+      throw new PeerProtocolError(`peer ${peer.peerId} offers ${size} bytes, more than the disk budget`)
     }
     return { body: res.body as unknown as Readable, size }
   }

@@ -161,6 +161,21 @@ describe('peers before the upstream', () => {
     expect(blobGets()).toBe(0)
   })
 
+  it('takes nothing from a peer that offers more than the disk budget', async () => {
+    const a = await node()
+    const data = randomBytes(3 * 1024 * 1024)
+    const d = up.addBlob('library/huge', data)
+    expect(sha((await get(a, `/v2/${UP}/library/huge/blobs/${d}`)).body)).toBe(d)
+    const b = await node({ bootstrapFrom: [a], maxSize: '2MiB' })
+    await until('B to learn A holds the blob', () => holds(b, d))
+    up.requests.length = 0
+    const r = await get(b, `/v2/${UP}/library/huge/blobs/${d}`)
+    expect(sha(r.body)).toBe(d)
+    expect(blobGets()).toBe(1)
+    expect(await metric(b, 'pullmesh_mesh_peer_bytes_total{direction="in"}')).toBe(0)
+    expect(await metric(b, 'pullmesh_mesh_peer_errors_total')).toBeGreaterThan(0)
+  })
+
   it('a mesh tag record never overrides a fresher upstream answer', async () => {
     const a = await node()
     seedImage('library/moving', 'latest', 1, 1000)
