@@ -20,6 +20,7 @@ import { join } from 'node:path'
 import { pipeline } from 'node:stream/promises'
 import { run, waitFor, type RunOptions, type RunResult } from './exec.js'
 import { writeContainerdConfig } from './containerd.js'
+import { registryConfigYaml } from './registry.js'
 
 export interface NetnsNode {
   /** Namespace name. */
@@ -230,15 +231,7 @@ export async function startNetnsRegistry (lab: NetnsLab, o: { ns: string, ip: st
   const dir = await mkdtemp(join(o.parentDir ?? tmpdir(), 'pullmesh-nsreg-'))
   await mkdir(join(dir, 'data'))
   const port = o.port ?? 5000
-  const q = (s: string): string => JSON.stringify(s)
-  const config = [
-    'version: 0.1',
-    'log:', '  level: info', '  formatter: text', '  accesslog:', '    disabled: false',
-    'storage:', '  filesystem:', `    rootdirectory: ${q(join(dir, 'data'))}`, '  delete:', '    enabled: true',
-    '  maintenance:', '    uploadpurging:', '      enabled: false',
-    'http:', `  addr: ${q(`${o.ip}:${port}`)}`, `  secret: ${q(randomBytes(16).toString('hex'))}`,
-    'health:', '  storagedriver:', '    enabled: false',
-  ].join('\n') + '\n'
+  const config = registryConfigYaml({ root: join(dir, 'data'), addr: `${o.ip}:${port}` })
   const configPath = join(dir, 'config.yml')
   await writeFile(configPath, config)
   const url = `http://${o.ip}:${port}`

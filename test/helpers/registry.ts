@@ -57,40 +57,64 @@ export interface RegistryProcess {
 
 const q = (s: string): string => JSON.stringify(s) // a JSON string is a valid YAML double-quoted scalar
 
-function configYaml (dir: string, port: number, o: RegistryOptions): string {
+/** What a distribution registry config says; shared by the loopback, namespace and benchmark launchers. */
+export interface RegistryConfig {
+  /** Storage root directory. */
+  root: string
+  /** `HOST:PORT` to listen on. */
+  addr: string
+  logLevel?: string
+  /** Access log on (default true). */
+  accessLog?: boolean
+  proxy?: { remoteurl: string, username?: string, password?: string }
+  auth?: { realm: string, service: string, issuer: string, rootcertbundle: string }
+}
+
+/** The YAML for `docker-registry serve`. */
+export function registryConfigYaml (c: RegistryConfig): string {
   const lines = [
     'version: 0.1',
     'log:',
-    `  level: ${o.logLevel ?? 'info'}`,
+    `  level: ${c.logLevel ?? 'info'}`,
     '  formatter: text',
     '  accesslog:',
-    '    disabled: false',
+    `    disabled: ${c.accessLog === false ? 'true' : 'false'}`,
     'storage:',
     '  filesystem:',
-    `    rootdirectory: ${q(join(dir, 'data'))}`,
+    `    rootdirectory: ${q(c.root)}`,
     '  delete:',
     '    enabled: true',
     '  maintenance:',
     '    uploadpurging:',
     '      enabled: false',
     'http:',
-    `  addr: ${q(`127.0.0.1:${port}`)}`,
+    `  addr: ${q(c.addr)}`,
     `  secret: ${q(randomBytes(16).toString('hex'))}`,
     'health:',
     '  storagedriver:',
     '    enabled: false',
   ]
-  if (o.proxy !== undefined) {
-    lines.push('proxy:', `  remoteurl: ${q(o.proxy.remoteurl)}`)
-    if (o.proxy.username !== undefined) lines.push(`  username: ${q(o.proxy.username)}`)
-    if (o.proxy.password !== undefined) lines.push(`  password: ${q(o.proxy.password)}`)
+  if (c.proxy !== undefined) {
+    lines.push('proxy:', `  remoteurl: ${q(c.proxy.remoteurl)}`)
+    if (c.proxy.username !== undefined) lines.push(`  username: ${q(c.proxy.username)}`)
+    if (c.proxy.password !== undefined) lines.push(`  password: ${q(c.proxy.password)}`)
   }
-  if (o.auth !== undefined) {
+  if (c.auth !== undefined) {
     lines.push('auth:', '  token:',
-      `    realm: ${q(o.auth.realm)}`, `    service: ${q(o.auth.service)}`,
-      `    issuer: ${q(o.auth.issuer)}`, `    rootcertbundle: ${q(o.auth.rootcertbundle)}`)
+      `    realm: ${q(c.auth.realm)}`, `    service: ${q(c.auth.service)}`,
+      `    issuer: ${q(c.auth.issuer)}`, `    rootcertbundle: ${q(c.auth.rootcertbundle)}`)
   }
   return lines.join('\n') + '\n'
+}
+
+function configYaml (dir: string, port: number, o: RegistryOptions): string {
+  return registryConfigYaml({
+    root: join(dir, 'data'),
+    addr: `127.0.0.1:${port}`,
+    ...(o.logLevel !== undefined ? { logLevel: o.logLevel } : {}),
+    ...(o.proxy !== undefined ? { proxy: o.proxy } : {}),
+    ...(o.auth !== undefined ? { auth: o.auth } : {}),
+  })
 }
 
 export async function startRegistry (opts: RegistryOptions = {}): Promise<RegistryProcess> {

@@ -2,12 +2,12 @@
 // pullmesh daemon (`node dist/main.js start`). Every process is tracked here and stopped by its own PID
 // in `stopAll()`; nothing is ever killed by name.
 import { spawn, type ChildProcess } from 'node:child_process'
-import { randomBytes } from 'node:crypto'
 import { mkdir, writeFile } from 'node:fs/promises'
 import { request as httpRequest } from 'node:http'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { getFreePort } from '../../helpers/net.js'
+import { registryConfigYaml } from '../../helpers/registry.js'
 
 export const REPO_ROOT = fileURLToPath(new URL('../../..', import.meta.url))
 export const DAEMON_ENTRY = join(REPO_ROOT, 'dist', 'main.js')
@@ -134,29 +134,13 @@ export async function startDistribution (o: DistributionOptions): Promise<Distri
   await mkdir(root, { recursive: true })
   const host = o.host ?? '127.0.0.1'
   const port = o.port ?? await getFreePort()
-  const cfg = [
-    'version: 0.1',
-    'log:',
-    `  level: ${o.accessLog === true ? 'info' : 'error'}`,
-    '  formatter: text',
-    '  accesslog:',
-    `    disabled: ${o.accessLog === true ? 'false' : 'true'}`,
-    'storage:',
-    '  filesystem:',
-    `    rootdirectory: ${JSON.stringify(root)}`,
-    '  delete:',
-    '    enabled: true',
-    '  maintenance:',
-    '    uploadpurging:',
-    '      enabled: false',
-    'http:',
-    `  addr: ${JSON.stringify(`${host}:${port}`)}`,
-    `  secret: ${JSON.stringify(randomBytes(16).toString('hex'))}`,
-    'health:',
-    '  storagedriver:',
-    '    enabled: false',
-    ...(o.proxy !== undefined ? ['proxy:', `  remoteurl: ${JSON.stringify(o.proxy)}`] : []),
-  ].join('\n') + '\n'
+  const cfg = registryConfigYaml({
+    root,
+    addr: `${host}:${port}`,
+    logLevel: o.accessLog === true ? 'info' : 'error',
+    accessLog: o.accessLog === true,
+    ...(o.proxy !== undefined ? { proxy: { remoteurl: o.proxy } } : {}),
+  })
   const cfgPath = join(o.dir, `config-${port}.yml`)
   await writeFile(cfgPath, cfg)
   const env = { PATH: process.env.PATH ?? '/usr/bin:/bin', HOME: o.dir }
