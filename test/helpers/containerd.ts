@@ -104,6 +104,19 @@ export async function writeContainerdConfig (prefix: string, parentDir?: string)
   return { dir, root, state, socket, configFile }
 }
 
+/** Hashes every blob in a containerd content store (`.../blobs/sha256`); throws on any mismatch. */
+export async function verifyContentDir (contentDir: string): Promise<string[]> {
+  let names: string[] = []
+  try { names = await readdir(contentDir) } catch {}
+  const bad: string[] = []
+  for (const n of names) {
+    const got = await sha256File(join(contentDir, n))
+    if (got !== n) bad.push(`${n} hashes to ${got}`)
+  }
+  if (bad.length > 0) throw new Error(`containerd content store corrupt:\n  ${bad.join('\n  ')}`)
+  return names.map(n => 'sha256:' + n)
+}
+
 export async function startContainerd (): Promise<Containerd> {
   const { dir, root, socket, configFile } = await writeContainerdConfig('pullmesh-ctrd-')
 
@@ -177,17 +190,7 @@ export async function startContainerd (): Promise<Containerd> {
       const left = (await ctr(['content', 'ls', '-q'])).stdout.trim()
       if (left !== '') throw new Error(`containerd content store not empty after clear:\n${left}`)
     },
-    async verifyContentStore () {
-      let names: string[] = []
-      try { names = await readdir(contentDir) } catch {}
-      const bad: string[] = []
-      for (const n of names) {
-        const got = await sha256File(join(contentDir, n))
-        if (got !== n) bad.push(`${n} hashes to ${got}`)
-      }
-      if (bad.length > 0) throw new Error(`containerd content store corrupt:\n  ${bad.join('\n  ')}`)
-      return names.map(n => 'sha256:' + n)
-    },
+    verifyContentStore: async () => await verifyContentDir(contentDir),
     async stop () {
       if (stopped) return
       stopped = true

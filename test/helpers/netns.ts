@@ -12,15 +12,13 @@
 // The test process itself stays in the root namespace and cannot reach 10.99.S.0/24: it talks to
 // the namespaces through commands run with `ip netns exec` (curl, skopeo, ctr) and through files.
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process'
-import { createHash, randomBytes } from 'node:crypto'
-import { createReadStream } from 'node:fs'
+import { randomBytes } from 'node:crypto'
 import { mkdir, mkdtemp, readdir, readlink, rm, stat, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { pipeline } from 'node:stream/promises'
 import { run, waitFor, type RunOptions, type RunResult } from './exec.js'
-import { writeContainerdConfig } from './containerd.js'
-import { registryConfigYaml } from './registry.js'
+import { verifyContentDir, writeContainerdConfig } from './containerd.js'
+import { registryConfigYaml, type RegistryProcess } from './registry.js'
 
 export interface NetnsNode {
   /** Namespace name. */
@@ -209,19 +207,8 @@ export async function createNetnsLab (o: { nodes: number }): Promise<NetnsLab> {
 
 // ------------------------------------------------------------------ registry in the hub
 
-export interface NetnsRegistry {
-  /** http://HUBIP:PORT */
-  url: string
-  /** HUBIP:PORT */
-  host: string
-  port: number
-  dir: string
-  logs: () => string
-  readonly running: boolean
-  start: () => Promise<void>
-  stop: () => Promise<void>
-  close: () => Promise<void>
-}
+/** The same handle as the loopback registry's. */
+export type NetnsRegistry = RegistryProcess
 
 /**
  * The CNCF distribution registry (`docker-registry serve`) inside `ns` (the hub), listening on
@@ -295,12 +282,6 @@ export interface NetnsContainerd {
   stop: () => Promise<void>
 }
 
-async function sha256File (path: string): Promise<string> {
-  const h = createHash('sha256')
-  await pipeline(createReadStream(path, { highWaterMark: 1 << 20 }), h)
-  return h.digest('hex')
-}
-
 /** containerd 1.6 inside `ns`, with root, state and sockets in a temp dir, CRI off. ctr runs in `ns` too. */
 export async function startNetnsContainerd (lab: NetnsLab, ns: string, parentDir?: string): Promise<NetnsContainerd> {
   const { dir, root, socket, configFile } = await writeContainerdConfig('pullmesh-nsctrd-', parentDir)
@@ -326,17 +307,7 @@ export async function startNetnsContainerd (lab: NetnsLab, ns: string, parentDir
     pid: p.pid,
     logs: p.logs,
     ctr,
-    async verifyContentStore () {
-      let names: string[] = []
-      try { names = await readdir(contentDir) } catch {}
-      const bad: string[] = []
-      for (const n of names) {
-        const got = await sha256File(join(contentDir, n))
-        if (got !== n) bad.push(`${n} hashes to ${got}`)
-      }
-      if (bad.length > 0) throw new Error(`containerd content store corrupt:\n  ${bad.join('\n  ')}`)
-      return names.map(n => 'sha256:' + n)
-    },
+    verifyContentStore: async () => await verifyContentDir(contentDir),
     stop: cleanup,
   }
 }
