@@ -7,6 +7,7 @@ import type { BlobStore } from './store/types.js'
 import { createUpstreamClient } from './upstream/client.js'
 import type { UpstreamClient } from './upstream/types.js'
 import { readFile } from 'node:fs/promises'
+import { networkInterfaces } from 'node:os'
 import { createResolver, type Resolver } from './content/resolver.js'
 import { createPeerContent } from './content/peer-source.js'
 import type { PeerContent } from './content/types.js'
@@ -98,7 +99,7 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
     // libp2p takes about half a second to load: only a node with the mesh on pays for it.
     const { createMesh } = await import('./mesh/index.js')
     const dataPort = (peerHttp.server.address() as { port: number }).port
-    peerUrl = `http://${config.mesh.peerListen.host}:${dataPort}`
+    peerUrl = `http://${reachableHost(config.mesh.peerListen.host)}:${dataPort}`
     mesh = createMesh({ logger, metrics, store }, {
       dataDir: config.dataDir,
       listen: config.mesh.p2pListen,
@@ -152,4 +153,13 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       logger.info('pullmesh stopped')
     },
   }
+}
+
+/** For a wildcard listen address, the first non-internal IPv4 address: what a peer could reach. */
+function reachableHost (host: string): string {
+  if (host !== '0.0.0.0' && host !== '::') return host.includes(':') ? `[${host}]` : host
+  for (const addrs of Object.values(networkInterfaces())) {
+    for (const a of addrs ?? []) if (a.family === 'IPv4' && !a.internal) return a.address
+  }
+  return '127.0.0.1'
 }

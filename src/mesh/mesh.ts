@@ -51,6 +51,8 @@ export type MeshNode = Mesh & { counters (): MeshCounters }
 const MAX_INVENTORY_ENTRIES = 100_000
 const MAX_INVENTORY_BYTES = 64 * 1024 * 1024
 const INVENTORY_TIMEOUT_MS = 30_000
+/** How long a requester may take to send its one-line inventory request. */
+const INVENTORY_REQUEST_TIMEOUT_MS = 5_000
 const MAX_CONCURRENT_INVENTORY_RESPONSES = 8
 const ADD_BATCH_MS = 100
 const ADD_BATCH_MAX = 500
@@ -249,12 +251,18 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     const onAbort = (): void => { stream.abort(new InventoryError('ABORTED', 'inventory response aborted')) }
     signal.addEventListener('abort', onAbort, { once: true })
     try {
-      // The request is one line; the requester half-closes after sending it.
+      // The request is one line; the requester half-closes after sending it, within a short deadline
+      // (a peer that never finishes its request must not hold a response slot for long).
       const splitter = new LineSplitter(4096)
       let reqLine: Uint8Array | undefined
-      for await (const chunk of stream) {
-        const lines = splitter.push(toBytes(chunk))
-        if (reqLine === undefined && lines[0] !== undefined) reqLine = lines[0]
+      const reqTimer = setTimeout(() => { stream.abort(new InventoryError('ABORTED', 'inventory request not sent in time')) }, INVENTORY_REQUEST_TIMEOUT_MS)
+      try {
+        for await (const chunk of stream) {
+          const lines = splitter.push(toBytes(chunk))
+          if (reqLine === undefined && lines[0] !== undefined) reqLine = lines[0]
+        }
+      } finally {
+        clearTimeout(reqTimer)
       }
       const req = reqLine === undefined ? undefined : decodeFrame(reqLine)
       const last = req?.ok === true && req.value.t === 'req' ? req.value : undefined
