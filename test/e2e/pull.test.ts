@@ -167,13 +167,18 @@ describe('e2e: real clients through pullmesh, distribution registry upstream', (
 
     const up = await upstreamSince(upMark)
     expectNoClientAtUpstream(up)
+    expectEachBlobFetchedAtMostOnce(up, [seeded.single, seeded.multi])
+  }, 120_000)
+
+  /** The daemon shares one upstream fill per digest: no blob of these images was fetched twice. */
+  function expectEachBlobFetchedAtMostOnce (up: Parameters<typeof blobGets>[0], images: Array<{ img: { blobs: Array<{ digest: string }> } }>): void {
     const gets = blobGets(up)
-    for (const s of [seeded.single, seeded.multi]) {
+    for (const s of images) {
       for (const b of s.img.blobs) {
         expect(gets.get(b.digest) ?? 0, `upstream GETs of ${b.digest}`).toBeLessThanOrEqual(1)
       }
     }
-  }, 120_000)
+  }
 
   it('containerd pulls both images through a hosts.toml mirror (cold); the mirror serves everything with ns=', async () => {
     const d = must(daemon, 'daemon')
@@ -186,12 +191,7 @@ describe('e2e: real clients through pullmesh, distribution registry upstream', (
     }
     const up = await upstreamSince(upMark)
     expectNoClientAtUpstream(up)
-    const gets = blobGets(up)
-    for (const s of [seeded.ctrSingle, seeded.ctrMulti]) {
-      for (const b of s.img.blobs) {
-        expect(gets.get(b.digest) ?? 0, `upstream GETs of ${b.digest}`).toBeLessThanOrEqual(1)
-      }
-    }
+    expectEachBlobFetchedAtMostOnce(up, [seeded.ctrSingle, seeded.ctrMulti])
   }, 120_000)
 
   it('a second pull is served from the cache: no blob GETs reach the upstream', async () => {
