@@ -7,6 +7,7 @@ import { contentRange, parseRange } from '../oci/range.js'
 import { AUTH_HEADER, PEER_BLOB_PATH, verifyRequest } from '../peer-protocol.js'
 import { OciError, blobUnknown } from '../errors.js'
 import { toOciError } from './server.js'
+import { sendBody } from './send-body.js'
 
 export interface PeerServerComponents { resolver: Resolver, metrics: Metrics, logger: Logger }
 
@@ -28,6 +29,13 @@ export function createPeerServer (c: PeerServerComponents, init: { key?: Buffer 
   app.setNotFoundHandler((_req, reply) => {
     void reply.code(404).type('application/json').send(new OciError('UNSUPPORTED', 404, 'no such endpoint').toBody())
   })
+  // On the response's close, not onResponse: a body sent by sendBody() bypasses fastify's hooks.
+  app.addHook('onRequest', async (req, reply) => {
+    reply.raw.once('close', () => {
+      log.debug({ method: req.method, url: req.raw.url, statusCode: reply.raw.statusCode, remote: req.ip, ms: Math.round(reply.elapsedTime), ...(reply.raw.writableFinished ? {} : { aborted: true }) }, 'peer request')
+    })
+  })
+
   app.addHook('onRequest', async (req) => {
     if (init.key === undefined) return
     const path = (req.raw.url ?? '').split('?', 1)[0] ?? ''
@@ -36,10 +44,6 @@ export function createPeerServer (c: PeerServerComponents, init: { key?: Buffer 
       throw new OciError('UNAUTHORIZED', 401, 'this mesh requires its key')
     }
   })
-  app.addHook('onResponse', async (req, reply) => {
-    log.debug({ method: req.method, url: req.raw.url, statusCode: reply.statusCode, remote: req.ip, ms: Math.round(reply.elapsedTime) }, 'peer request')
-  })
-
   app.route({
     method: ['GET', 'HEAD'],
     url: `${PEER_BLOB_PATH}:digest`,
@@ -56,7 +60,7 @@ export function createPeerServer (c: PeerServerComponents, init: { key?: Buffer 
       const length = range === undefined ? blob.size : range.end - range.start + 1
       if (range !== undefined) void reply.code(206).header('content-range', contentRange(range, blob.size))
       reply.raw.once('finish', () => c.metrics.peerBytes.inc({ direction: 'out' }, length))
-      return reply.header('content-length', length).send(stream)
+      return sendBody(reply.header('content-length', length), stream)
     },
   })
   return app

@@ -4,6 +4,7 @@ import type { Metrics } from '../metrics.js'
 import type { ContentOrigin } from '../content/types.js'
 import { parseRegistryPath, parseReference, resolveTarget, type RoutingInit } from '../oci/reference.js'
 import { parseDigest } from '../oci/digest.js'
+import { sendBody } from './send-body.js'
 import { contentRange, parseRange } from '../oci/range.js'
 import { parseAccept } from '../oci/media-types.js'
 import { unsupported } from '../errors.js'
@@ -68,7 +69,7 @@ export function registerRegistryRoutes (app: FastifyInstance, c: RegistryRoutesC
       if (range !== undefined) void reply.code(206).header('content-range', contentRange(range, blob.size))
       void reply.header('content-length', length)
       reply.raw.once('finish', () => metrics.bytesServed.inc({ source: sourceLabel(blob.source) }, length))
-      return reply.send(stream)
+      return sendBody(reply, stream)
     },
   })
 

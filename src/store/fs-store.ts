@@ -29,6 +29,7 @@ import type { ByteRange } from '../oci/range.js'
 import type { BlobInfo, BlobMeta, BlobStore, BlobWriter, PinRecord, StoreEvent, TagRecord } from './types.js'
 import { BlobTooLargeError, StoreClosedError } from './errors.js'
 import { KeyedLock, SerialQueue } from './keyed-lock.js'
+import { BlobFileStream, READ_CHUNK } from './file-stream.js'
 
 export interface FsStoreComponents { logger: Logger, metrics: Metrics }
 export interface FsStoreInit {
@@ -37,7 +38,6 @@ export interface FsStoreInit {
   touchFlushIntervalMs?: number
 }
 
-const READ_CHUNK = 1024 * 1024
 const MAX_REPOS = 32
 const ALGORITHMS = ['sha256', 'sha512'] as const
 const BLOB_PREFIX = 'blob!'
@@ -544,13 +544,7 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
         await dropStale(digest)
         return undefined
       }
-      const stream = fh.createReadStream({
-        highWaterMark: READ_CHUNK,
-        autoClose: true,
-        // An explicit end lets the stream finish with its last byte, not one read later, so the
-        // response completes even when the client closes as soon as it has every byte.
-        ...(range !== undefined ? { start: range.start, end: range.end } : info.size > 0 ? { start: 0, end: info.size - 1 } : {}),
-      })
+      const stream = new BlobFileStream(fh, range?.start ?? 0, range !== undefined ? range.end + 1 : info.size)
       readers.set(digest, (readers.get(digest) ?? 0) + 1)
       stream.once('close', () => {
         const n = (readers.get(digest) ?? 1) - 1

@@ -133,6 +133,74 @@ describe('shared streaming fills', () => {
   })
 })
 
+describe('warm hits', () => {
+  /** A client that takes its body slowly, so the server's socket backs up and its writes queue. */
+  async function slowFetch (path: string): Promise<Buffer> {
+    const u = new URL(daemon.url() + path)
+    return await new Promise((resolve, reject) => {
+      const req = httpRequest({ host: u.hostname, port: u.port, path: u.pathname, agent: false }, res => {
+        const chunks: Buffer[] = []
+        res.on('data', (c: Buffer) => {
+          chunks.push(c)
+          res.pause()
+          setTimeout(() => res.resume(), 2)
+        })
+        res.on('end', () => resolve(Buffer.concat(chunks)))
+        res.on('error', reject)
+      })
+      req.on('error', reject)
+      req.end()
+    })
+  }
+
+  it('serves a cached blob to fast, slow and ranged clients at once, every byte right, and lets go of the file', async () => {
+    const data = randomBytes(9 * 1024 * 1024 + 4321)
+    const d = up.addBlob('library/app', data)
+    expect(sha((await fetchBody(blobPath(d))).body)).toBe(d)
+    const digest = parseDigest(d)
+    await expect.poll(async () => await daemon.store.stat(digest)).toBeDefined()
+    const [fast1, fast2, slow1, slow2, ranged] = await Promise.all([
+      fetchBody(blobPath(d)), fetchBody(blobPath(d)), slowFetch(blobPath(d)), slowFetch(blobPath(d)),
+      fetchBody(blobPath(d), { range: 'bytes=1048000-5000000' }),
+    ])
+    for (const r of [fast1!, fast2!]) {
+      expect(r.aborted).toBe(false)
+      expect(r.body.equals(data)).toBe(true)
+      expect(r.headers).toMatchObject({
+        'content-length': String(data.length), 'docker-content-digest': d, etag: `"${d}"`,
+        'content-type': 'application/octet-stream', 'accept-ranges': 'bytes', 'docker-distribution-api-version': 'registry/2.0',
+      })
+    }
+    expect(slow1!.equals(data)).toBe(true)
+    expect(slow2!.equals(data)).toBe(true)
+    expect(ranged!.status).toBe(206)
+    expect(ranged!.headers['content-range']).toBe(`bytes 1048000-5000000/${data.length}`)
+    expect(ranged!.body.equals(data.subarray(1048000, 5000001))).toBe(true)
+    expect(blobGets(d)).toBe(1)
+    await expect.poll(() => daemon.store.inUse(digest)).toBe(false)
+  })
+
+  it('a client that hangs up mid-body closes the file and leaves the blob intact', async () => {
+    const data = randomBytes(8 * 1024 * 1024)
+    const d = up.addBlob('library/app', data)
+    await fetchBody(blobPath(d))
+    const digest = parseDigest(d)
+    await expect.poll(async () => await daemon.store.stat(digest)).toBeDefined()
+    await new Promise<void>((resolve) => {
+      const u = new URL(daemon.url() + blobPath(d))
+      const req = httpRequest({ host: u.hostname, port: u.port, path: u.pathname, agent: false }, res => {
+        res.once('data', () => { req.destroy(); resolve() })
+      })
+      req.on('error', () => resolve())
+      req.end()
+    })
+    await expect.poll(() => daemon.store.inUse(digest)).toBe(false)
+    const again = await fetchBody(blobPath(d))
+    expect(again.aborted).toBe(false)
+    expect(again.body.equals(data)).toBe(true)
+  })
+})
+
 describe('bad upstream bytes are never served whole or cached', () => {
   for (const fault of [{ kind: 'corrupt' }, { kind: 'truncate' }, { kind: 'reset' }] as const) {
     it(`${fault.kind}: every client's response is aborted and nothing is cached`, async () => {

@@ -1,5 +1,6 @@
 import { appendFile, mkdir, readFile, truncate, unlink, writeFile } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
+import type { Readable } from 'node:stream'
 import { Level } from 'level'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { VerificationError } from '../../src/errors.js'
@@ -59,7 +60,6 @@ describe('fs store', () => {
     expect(await fileVerifies(dataDir, digest, bytes.length)).toBe(true)
     expect(await listTempFiles(dataDir)).toEqual([])
     const s = await store.createReadStream(digest)
-    expect(s!.readableHighWaterMark).toBe(1024 * 1024)
     expect((await collect(s!)).equals(bytes)).toBe(true)
     expect((await store.readBuffer(digest, 1 << 20))!.equals(bytes)).toBe(true)
     await expect(store.readBuffer(digest, 10)).rejects.toBeInstanceOf(BlobTooLargeError)
@@ -355,6 +355,38 @@ describe('fs store', () => {
   it('never builds a path from an unvalidated digest', async () => {
     await expect(store.createWriter('sha256:../../etc/passwd' as Digest)).rejects.toBeInstanceOf(TypeError)
     await expect(store.delete('sha256:../x' as Digest)).rejects.toBeInstanceOf(TypeError)
+  })
+
+  it('reads into a chunk\'s buffer again only once the consumer hands it back', async () => {
+    const { bytes, digest } = await put(7 * 1024 * 1024 + 333)
+    const s = (await store.createReadStream(digest)) as Readable & { recycle: (c: Buffer) => void }
+    const kept: Array<{ chunk: Buffer, copy: Buffer }> = []
+    const seen = new Set<ArrayBuffer>()
+    let reused = 0
+    let i = 0
+    for await (const chunk of s as AsyncIterable<Buffer>) {
+      expect(chunk.length).toBeLessThanOrEqual(1024 * 1024)
+      if (seen.has(chunk.buffer as ArrayBuffer)) reused++
+      seen.add(chunk.buffer as ArrayBuffer)
+      // Every other chunk is handed back at once; the rest are held, and must never change.
+      if (i++ % 2 === 0) s.recycle(Buffer.from(chunk)) // not a chunk of this stream: ignored
+      if (i % 2 === 0) kept.push({ chunk, copy: Buffer.from(chunk) })
+      else s.recycle(chunk)
+    }
+    for (const k of kept) expect(k.chunk.equals(k.copy)).toBe(true)
+    expect(Buffer.concat(kept.map(k => k.copy)).length).toBeGreaterThan(0)
+    expect(reused).toBeGreaterThan(0)
+    // A consumer that never hands chunks back (a plain pipe) gets every byte right too.
+    expect((await collect((await store.createReadStream(digest))!)).equals(bytes)).toBe(true)
+    expect(store.inUse(digest)).toBe(false)
+  })
+
+  it('ends a stream with an error, never short, when the file shrinks while it is read', async () => {
+    const { digest } = await put(3 * 1024 * 1024)
+    const s = (await store.createReadStream(digest))!
+    await truncate(blobFile(dataDir, digest), 1024 * 1024 + 10)
+    await expect(collect(s)).rejects.toThrow(/ended at/)
+    expect(store.inUse(digest)).toBe(false)
   })
 
   it('streams a file that stays readable after the blob is deleted', async () => {
