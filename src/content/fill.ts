@@ -202,6 +202,10 @@ export class Fill {
     let sent = 0
     let busy = false
     let delegate: AsyncIterator<Buffer> | undefined
+    let delegateStream: (Readable & { recycle?: (chunk: Buffer) => void }) | undefined
+    // Buffers handed back by the consumer (see recycle below), and the chunks out, by chunk, to their buffer.
+    const free: Buffer[] = []
+    const lent = new Map<Buffer, Buffer>()
     const end = (): number => range !== undefined ? range.end + 1 : fill.size!
 
     const take = (a: Attempt | undefined): void => {
@@ -211,7 +215,7 @@ export class Fill {
     }
     take(this.current)
 
-    return new Readable({
+    const stream = new Readable({
       highWaterMark: CHUNK,
       read () {
         if (busy) return
@@ -241,6 +245,7 @@ export class Fill {
                   take(undefined)
                   const s = await fill.store.createReadStream(fill.digest, { start: pos, end: e - 1 })
                   if (s === undefined) throw new Error('blob vanished from the store after its fill')
+                  delegateStream = s
                   delegate = s[Symbol.asyncIterator]() as AsyncIterator<Buffer>
                   continue
                 }
@@ -252,12 +257,15 @@ export class Fill {
               const available = verified ? e : (att.streamable ? Math.min(att.writer.bytesWritten, e - 1) : pos)
               if (pos < available) {
                 const n = Math.min(CHUNK, available - pos)
-                const buf = Buffer.allocUnsafe(n)
+                // A pooled buffer is never shorter than n: reads only shrink towards the end.
+                const buf = free.pop() ?? Buffer.allocUnsafe(Math.min(CHUNK, e - pos))
                 const { bytesRead } = await att.fh.read(buf, 0, n, pos)
                 if (bytesRead === 0) throw new Error('cached file ended early')
                 pos += bytesRead
                 sent += bytesRead
-                if (!this.push(bytesRead === n ? buf : buf.subarray(0, bytesRead))) return
+                const chunk = bytesRead === buf.length ? buf : buf.subarray(0, bytesRead)
+                lent.set(chunk, buf)
+                if (!this.push(chunk)) return
                 continue
               }
               if (fill.state === 'failed') throw fill.error
@@ -272,8 +280,20 @@ export class Fill {
       },
       destroy (err, cb) {
         take(undefined)
+        free.length = 0
+        lent.clear()
         void delegate?.return?.()
         cb(err)
+      },
+    })
+    // The consumer is done with `chunk` (the socket has its bytes): its buffer may be read into again.
+    // The same contract as the store's streams (src/store/file-stream.ts); unknown chunks are ignored.
+    return Object.assign(stream, {
+      recycle (chunk: Buffer): void {
+        const buf = lent.get(chunk)
+        if (buf === undefined) { delegateStream?.recycle?.(chunk); return }
+        lent.delete(chunk)
+        if (free.length < 3 && !stream.destroyed) free.push(buf)
       },
     })
   }

@@ -60,7 +60,7 @@ export function createPeerServer (c: PeerServerComponents, init: { key?: Buffer 
       const length = range === undefined ? blob.size : range.end - range.start + 1
       if (range !== undefined) void reply.code(206).header('content-range', contentRange(range, blob.size))
       reply.raw.once('finish', () => c.metrics.peerBytes.inc({ direction: 'out' }, length))
-      return sendBody(reply.header('content-length', length), stream)
+      return await sendBody(reply.header('content-length', length), stream)
     },
   })
   return app

@@ -69,7 +69,7 @@ export function registerRegistryRoutes (app: FastifyInstance, c: RegistryRoutesC
       if (range !== undefined) void reply.code(206).header('content-range', contentRange(range, blob.size))
       void reply.header('content-length', length)
       reply.raw.once('finish', () => metrics.bytesServed.inc({ source: sourceLabel(blob.source) }, length))
-      return sendBody(reply, stream)
+      return await sendBody(reply, stream)
     },
   })
 
