@@ -136,7 +136,8 @@ export class Fill {
     let att: Attempt | undefined
     let writer: BlobWriter | undefined
     try {
-      writer = await this.store.createWriter(this.digest, { expectedSize: size })
+      // Readers of a streamed source follow the bytes as they reach the file.
+      writer = await this.store.createWriter(this.digest, { expectedSize: size, onProgress: () => { if (att?.streamable === true) this.wake() } })
       const fh = await open(writer.tempPath, 'r')
       att = { writer, fh, streamable: src.streamable, refs: 1, ended: false, ok: false, closed: false }
       this.current = att
@@ -146,7 +147,6 @@ export class Fill {
       for await (const chunk of body) {
         src.onBytes?.((chunk as Buffer).length)
         await writer.write(chunk as Buffer)
-        if (att.streamable) this.wake()
       }
       this.info = await writer.commit(this.meta)
       this.publishSize(size)

@@ -39,6 +39,10 @@ export interface FsStoreInit {
 }
 
 const MAX_REPOS = 32
+/** Bytes a writer holds in memory before write() waits for the file to catch up. */
+const WRITE_WINDOW = 4 * 1024 * 1024
+/** Chunks in one pwritev (Linux's IOV_MAX). */
+const MAX_IOVECS = 1024
 const ALGORITHMS = ['sha256', 'sha512'] as const
 const BLOB_PREFIX = 'blob!'
 const BLOB_END = 'blob"'
@@ -49,6 +53,21 @@ const PIN_END = 'pin"'
 
 type Db = Level<string, unknown>
 type WriterState = 'open' | 'committing' | 'committed' | 'aborted' | 'failed'
+
+/** Writes `bufs` at `pos`, following partial writes to the end. */
+async function writeFully (fh: FileHandle, bufs: Uint8Array[], pos: number): Promise<void> {
+  let rest = bufs
+  for (;;) {
+    const { bytesWritten } = await fh.writev(rest, pos)
+    pos += bytesWritten
+    let n = bytesWritten
+    let i = 0
+    while (i < rest.length && n >= rest[i]!.length) { n -= rest[i]!.length; i++ }
+    if (i === rest.length) return
+    if (bytesWritten === 0) throw new Error('the file took no bytes')
+    rest = [rest[i]!.subarray(n), ...rest.slice(i + 1)]
+  }
+}
 
 export function createFsStore (components: FsStoreComponents, init: FsStoreInit): BlobStore {
   const log = components.logger.child({ component: 'store' })
@@ -250,7 +269,7 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
 
   // ---- writer --------------------------------------------------------------------------------
 
-  async function createWriter (digest: Digest, opts?: { expectedSize?: number }): Promise<BlobWriter> {
+  async function createWriter (digest: Digest, opts?: { expectedSize?: number, onProgress?: () => void }): Promise<BlobWriter> {
     const d = checkDigest(digest)
     requireDb()
     const expected = opts?.expectedSize
@@ -261,9 +280,40 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
     let state: WriterState = 'open'
     let reserved = 0
     let written = 0
-    let chain: Promise<void> = Promise.resolve()
     let failure: unknown
     let closed = false
+    // Chunks accepted but not yet in the file. One flush at a time takes everything queued and writes
+    // it with a single pwritev: small writes cost several times more kernel time per byte than big ones
+    // here (test/bench: 64 KiB writes ~0.7 s per GiB, batched ones ~0.22 s), and a fill's chunks are
+    // the socket's 64 KiB reads. write() resolves while less than WRITE_WINDOW is queued, so the next
+    // chunk is taken while the last ones land; a slow upstream's chunks still go out one by one.
+    let queue: Uint8Array[] = []
+    let queued = 0
+    let flushing: Promise<void> | undefined
+    let roomWaiters: Array<() => void> = []
+    const wakeRoom = (): void => { const w = roomWaiters; roomWaiters = []; for (const f of w) f() }
+
+    const flush = async (): Promise<void> => {
+      while (queue.length > 0 && failure === undefined) {
+        const batch = queue.length <= MAX_IOVECS ? queue : queue.slice(0, MAX_IOVECS)
+        queue = queue.length <= MAX_IOVECS ? [] : queue.slice(MAX_IOVECS)
+        let bytes = 0
+        for (const b of batch) bytes += b.length
+        try {
+          await writeFully(fh, batch, written)
+          written += bytes
+        } catch (err) {
+          failure ??= err
+        }
+        queued -= bytes
+        wakeRoom()
+        if (failure === undefined) opts?.onProgress?.()
+      }
+      flushing = undefined
+      wakeRoom()
+    }
+    /** Resolves once every accepted chunk is in the file (or the writer has failed). */
+    const settled = async (): Promise<void> => { while (flushing !== undefined) await flushing }
 
     const closeFh = async (): Promise<void> => {
       if (closed) return
@@ -271,7 +321,8 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
       await fh.close().catch(() => undefined)
     }
     const cleanup = async (): Promise<void> => {
-      await chain
+      failure ??= new Error('blob writer closed')
+      await settled()
       await closeFh()
       await unlinkQuiet(tempPath).catch(err => log.warn({ err, tempPath }, 'could not remove temp file'))
     }
@@ -291,18 +342,20 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
           return Promise.reject(new VerificationError(`write past the expected size of ${expected} bytes`, String(expected), String(reserved + chunk.length)))
         }
         reserved += chunk.length
-        const p = chain.then(async () => {
-          if (failure !== undefined) throw failure
-          hash.update(chunk)
-          let off = 0
-          while (off < chunk.length) {
-            const { bytesWritten } = await fh.write(chunk, off, chunk.length - off)
-            off += bytesWritten
-            written += bytesWritten
+        if (chunk.length === 0) return Promise.resolve()
+        hash.update(chunk)
+        queue.push(chunk)
+        queued += chunk.length
+        flushing ??= flush()
+        if (queued <= WRITE_WINDOW) return Promise.resolve()
+        return new Promise<void>((resolve, reject) => {
+          const check = (): void => {
+            if (failure !== undefined) reject(failure)
+            else if (queued <= WRITE_WINDOW) resolve()
+            else roomWaiters.push(check)
           }
+          roomWaiters.push(check)
         })
-        chain = p.catch((err: unknown) => { failure ??= err })
-        return p
       },
 
       async commit (meta: BlobMeta): Promise<BlobInfo> {
@@ -310,7 +363,7 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
         state = 'committing'
         const run = (async () => {
           try {
-            await chain
+            await settled()
             if (failure !== undefined) throw failure
             if (expected !== undefined && written !== expected) {
               throw verificationFailed(`size mismatch: expected ${expected} bytes, got ${written}`, String(expected), String(written))

@@ -46,7 +46,11 @@ export interface BlobWriter {
   readonly digest: Digest
   readonly tempPath: string
   readonly bytesWritten: number
-  /** Appends a chunk. Rejects if the write fails or would exceed the expected size. */
+  /**
+   * Appends a chunk. The writer may keep a reference to it until the bytes are in the file, so it must
+   * not change afterwards. Resolves as soon as there is room for more (bytesWritten may lag); rejects
+   * if an earlier write failed or this one would exceed the expected size.
+   */
   write (chunk: Uint8Array): Promise<void>
   /** Verifies, fsyncs, renames atomically and indexes. Throws VerificationError (and cleans up) on mismatch. */
   commit (meta: BlobMeta): Promise<BlobInfo>
@@ -62,7 +66,8 @@ export interface BlobStore {
   createReadStream (digest: Digest, range?: ByteRange): Promise<Readable | undefined>
   /** Reads a whole small blob (manifests); undefined if missing. Throws if larger than maxBytes. */
   readBuffer (digest: Digest, maxBytes: number): Promise<Buffer | undefined>
-  createWriter (digest: Digest, opts?: { expectedSize?: number }): Promise<BlobWriter>
+  /** `onProgress` runs each time more of the accepted bytes have reached the file (bytesWritten grew). */
+  createWriter (digest: Digest, opts?: { expectedSize?: number, onProgress?: () => void }): Promise<BlobWriter>
   /** Verifies and stores a small buffer (manifests). Throws VerificationError on mismatch. */
   putBuffer (digest: Digest, buf: Uint8Array, meta: BlobMeta): Promise<BlobInfo>
   /** Records an access (and the repo it was for); persisted lazily. */

@@ -49,11 +49,12 @@ describe('fs store', () => {
     const w = await store.createWriter(digest, { expectedSize: bytes.length })
     expect(w.tempPath.startsWith(join(dataDir, 'tmp'))).toBe(true)
     await w.write(bytes.subarray(0, 1000))
-    expect(w.bytesWritten).toBe(1000)
+    // write() resolves once the chunk is accepted; bytesWritten follows as the bytes reach the file.
+    await expect.poll(() => w.bytesWritten).toBe(1000)
     // Others may read the growing temp file up to bytesWritten.
     expect((await readFile(w.tempPath)).subarray(0, w.bytesWritten).equals(bytes.subarray(0, 1000))).toBe(true)
     await w.write(bytes.subarray(1000))
-    expect(w.bytesWritten).toBe(bytes.length)
+    await expect.poll(() => w.bytesWritten).toBe(bytes.length)
     const info = await w.commit({ mediaType: LAYER, repo: 'docker.io/library/alpine' })
     expect(info).toMatchObject({ digest, size: bytes.length, mediaType: LAYER, repos: ['docker.io/library/alpine'], private: false })
     expect(await store.stat(digest)).toEqual(info)
@@ -108,11 +109,39 @@ describe('fs store', () => {
     const w = await store.createWriter(digest, { expectedSize: 4999 })
     await w.write(bytes.subarray(0, 4000))
     await expect(w.write(bytes.subarray(4000))).rejects.toBeInstanceOf(VerificationError)
-    expect(w.bytesWritten).toBe(4000)
+    await expect.poll(() => w.bytesWritten).toBe(4000)
     await w.abort()
     await w.abort()
     expect(await listTempFiles(dataDir)).toEqual([])
     expect(await store.stat(digest)).toBeUndefined()
+  })
+
+  it('gathers chunks that arrive while a write is in flight into one write, and reports each step', async () => {
+    const { bytes, digest } = randomBlob(100 * 65536 + 5)
+    const progress: number[] = []
+    const w = await store.createWriter(digest, { expectedSize: bytes.length, onProgress: () => progress.push(w.bytesWritten) })
+    const writes: Array<Promise<void>> = []
+    for (let off = 0; off < bytes.length; off += 65536) writes.push(w.write(bytes.subarray(off, off + 65536)))
+    await Promise.all(writes)
+    await expect.poll(() => w.bytesWritten).toBe(bytes.length)
+    // 101 chunks, written in far fewer steps (the first alone, the rest as they queued behind it).
+    expect(progress.length).toBeLessThan(10)
+    expect(progress.at(-1)).toBe(bytes.length)
+    expect(progress).toEqual([...progress].sort((a, b) => a - b))
+    expect((await w.commit({ mediaType: LAYER })).size).toBe(bytes.length)
+    expect(await fileVerifies(dataDir, digest, bytes.length)).toBe(true)
+  })
+
+  it('holds back a writer that runs more than 4 MiB ahead of the file', async () => {
+    const { bytes, digest } = randomBlob(12 * 1024 * 1024)
+    const w = await store.createWriter(digest, { expectedSize: bytes.length })
+    let accepted = 0
+    const writes = [0, 1, 2, 3, 4, 5].map(async i => { await w.write(bytes.subarray(i * 2 * 1024 * 1024, (i + 1) * 2 * 1024 * 1024)); accepted++ })
+    await Promise.resolve()
+    // The first two are under the window and resolve at once; later ones wait for the file.
+    expect(accepted).toBe(2)
+    await Promise.all(writes)
+    expect((await w.commit({ mediaType: LAYER })).size).toBe(bytes.length)
   })
 
   it('lets concurrent writers of one digest both succeed with one verified file', async () => {
