@@ -35,7 +35,12 @@ export function digestAlgorithm (d: Digest): string { return d.slice(0, d.indexO
 export function digestHex (d: Digest): string { return d.slice(d.indexOf(':') + 1) }
 
 export function createDigester (d: Digest): Hash {
-  return createHash(ALGORITHMS[digestAlgorithm(d)]!.node)
+  return createHash(digestHashName(d))
+}
+
+/** The node:crypto name of the digest's algorithm. */
+export function digestHashName (d: Digest): string {
+  return ALGORITHMS[digestAlgorithm(d)]!.node
 }
 
 export function sha256Of (buf: Uint8Array): Digest {

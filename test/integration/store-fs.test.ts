@@ -1,4 +1,4 @@
-import { appendFile, mkdir, readFile, truncate, unlink, writeFile } from 'node:fs/promises'
+import { appendFile, mkdir, open as openFile, readFile, truncate, unlink, writeFile } from 'node:fs/promises'
 import { dirname, join } from 'node:path'
 import type { Readable } from 'node:stream'
 import { Level } from 'level'
@@ -129,6 +129,29 @@ describe('fs store', () => {
     expect(progress.at(-1)).toBe(bytes.length)
     expect(progress).toEqual([...progress].sort((a, b) => a - b))
     expect((await w.commit({ mediaType: LAYER })).size).toBe(bytes.length)
+    expect(await fileVerifies(dataDir, digest, bytes.length)).toBe(true)
+  })
+
+  it('verifies a large blob from the file itself: bytes changed on disk before the commit are refused', async () => {
+    const { bytes, digest } = randomBlob(6 * 1024 * 1024 + 7)
+    const w = await store.createWriter(digest, { expectedSize: bytes.length })
+    await w.write(bytes)
+    await expect.poll(() => w.bytesWritten).toBe(bytes.length)
+    // Damage the temp file behind the writer's back: what is on disk is what gets verified.
+    const fh = await openFile(w.tempPath, 'r+')
+    await fh.write(Buffer.from([bytes[5_000_000]! ^ 0xff]), 0, 1, 5_000_000)
+    await fh.close()
+    await expect(w.commit({ mediaType: LAYER })).rejects.toBeInstanceOf(VerificationError)
+    expect(await store.stat(digest)).toBeUndefined()
+    expect(await listTempFiles(dataDir)).toEqual([])
+    // A large wrong digest is refused too, and a right one commits.
+    const other = randomBlob(5 * 1024 * 1024)
+    const liar = await store.createWriter(digest, { expectedSize: other.bytes.length })
+    await liar.write(other.bytes)
+    await expect(liar.commit({ mediaType: LAYER })).rejects.toBeInstanceOf(VerificationError)
+    const good = await store.createWriter(digest, { expectedSize: bytes.length })
+    for (let off = 0; off < bytes.length; off += 65536) await good.write(bytes.subarray(off, off + 65536))
+    expect((await good.commit({ mediaType: LAYER })).size).toBe(bytes.length)
     expect(await fileVerifies(dataDir, digest, bytes.length)).toBe(true)
   })
 
