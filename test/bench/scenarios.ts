@@ -6,7 +6,7 @@ import type { BuiltImage } from '../helpers/images.js'
 import { run } from '../helpers/exec.js'
 import { curlDownload, curlHerd, memOf, sampleRss, wrk } from './lib/load.js'
 import {
-  httpStatus, metricValue, settleAccessLog, startDistribution, startPullmesh, upstreamBlobTraffic,
+  httpStatus, metricValue, settleAccessLog, startDistribution, startPassthrough, startPullmesh, upstreamBlobTraffic,
   UPSTREAM_NAME, type Distribution, type Pullmesh,
 } from './lib/procs.js'
 import { absAtMost, best, exactly, median, notRun, ratioAtLeast, ratioAtMost, row, type Row } from './lib/report.js'
@@ -104,9 +104,14 @@ export async function blobColdWarm (ctx: Ctx): Promise<Row[]> {
   const b = ctx.big
   const ttfb = samples(); const bps = samples(); const upBytes = samples(); const upGets = samples()
   const warmBps = samples()
+  const passBps: number[] = []
   const kept: Partial<Record<Who, Inst>> = {}
+  const pass = await startPassthrough(ctx.upstream.url)
   try {
     for (let i = 0; i < ctx.runs; i++) {
+      const p = await curlDownload(`${pass.url}/v2/${b.repo}/blobs/${b.digest}`, { expectBytes: b.size })
+      passBps.push(p.bps)
+      ctx.log(`  cold pass-through reference #${i + 1}: ${(p.bps / 2 ** 30).toFixed(2)} GiB/s`)
       for (const who of order(i)) {
         const inst = await fresh(ctx, who)
         try {
@@ -139,11 +144,13 @@ export async function blobColdWarm (ctx: Ctx): Promise<Row[]> {
         warmUp.gets > 0 ? `upstream saw ${warmUp.gets} GETs during warm runs` : undefined),
       row('2 cold miss', 'time to first byte', 's', 'lower', ttfb.pullmesh, ttfb.distribution),
       row('2 cold miss', `throughput, ${size}`, 'B/s', 'higher', bps.pullmesh, bps.distribution, ratioAtLeast(1)),
+      row('2 cold miss', 'reference, not pullmesh: a bare Node.js pass-through (undici → http, no hash, no disk, no cache), throughput',
+        'B/s', 'higher', passBps, bps.distribution, undefined, 'test/bench/lib/passthrough.mjs; the floor of the Node.js stream path here'),
       row('2 cold miss', 'upstream bytes ÷ blob size', 'x', 'lower', upBytes.pullmesh, upBytes.distribution, exactly(1, '= 1.0× blob'),
         `upstream GETs: ${upGets.pullmesh.join('/')} vs ${upGets.distribution.join('/')}`),
     ]
   } finally {
-    await Promise.allSettled(Object.values(kept).map(async k => await k.close()))
+    await Promise.allSettled([...Object.values(kept).map(async k => await k.close()), pass.stop()])
   }
 }
 

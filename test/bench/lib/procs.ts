@@ -235,3 +235,14 @@ export async function metricValue (metricsText: string, name: string, match = ''
   }
   return sum
 }
+
+/** The pass-through reference (./passthrough.mjs) in front of `upstream`. */
+export async function startPassthrough (upstream: string): Promise<Proc & { url: string }> {
+  const port = await getFreePort()
+  const script = fileURLToPath(new URL('./passthrough.mjs', import.meta.url))
+  const t0 = performance.now()
+  const proc = track(spawn(process.execPath, [script, upstream, String(port)], { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] }))
+  const url = `http://127.0.0.1:${port}`
+  await waitReady(`${url}/ready`, proc, t0)
+  return Object.assign(proc, { url })
+}
