@@ -148,9 +148,13 @@ export class Fill {
         src.onBytes?.((chunk as Buffer).length)
         await writer.write(chunk as Buffer)
       }
-      this.info = await writer.commit(this.meta)
-      this.publishSize(size)
-      att.ok = true
+      const verifying = att
+      this.info = await writer.commit(this.meta, () => {
+        // Verified: readers may send the last bytes from the temp file while the store fsyncs and indexes.
+        verifying.ok = true
+        this.publishSize(size)
+        this.wake()
+      })
       return undefined
     } catch (error) {
       body.destroy()

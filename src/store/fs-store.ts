@@ -308,7 +308,7 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
         return out.push(chunk)
       },
 
-      async commit (meta: BlobMeta): Promise<BlobInfo> {
+      async commit (meta: BlobMeta, onVerified?: () => void): Promise<BlobInfo> {
         if (state !== 'open') throw new Error(`blob writer is ${state}`)
         state = 'committing'
         const run = (async () => {
@@ -322,6 +322,7 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
             const hex = offloaded !== undefined ? await offloaded.digest(written) : hash.digest('hex')
             const actual = `${digestAlgorithm(d)}:${hex}`
             if (actual !== d) throw verificationFailed('digest mismatch', d, actual)
+            onVerified?.()
             const info = await digestLock.run(d, async () => {
               const present = await mergeIfPresent(d, meta)
               if (present !== undefined) {

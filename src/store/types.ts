@@ -52,8 +52,12 @@ export interface BlobWriter {
    * if an earlier write failed or this one would exceed the expected size.
    */
   write (chunk: Uint8Array): Promise<void>
-  /** Verifies, fsyncs, renames atomically and indexes. Throws VerificationError (and cleans up) on mismatch. */
-  commit (meta: BlobMeta): Promise<BlobInfo>
+  /**
+   * Verifies, fsyncs, renames atomically and indexes. Throws VerificationError (and cleans up) on mismatch.
+   * `onVerified` runs as soon as the bytes in the temp file have verified, before the fsync: they may be
+   * served from then on, though the blob is in the cache only once commit resolves.
+   */
+  commit (meta: BlobMeta, onVerified?: () => void): Promise<BlobInfo>
   /** Discards the temp file. Safe to call more than once and after a failed commit. */
   abort (): Promise<void>
 }

@@ -5,7 +5,7 @@
 // Needs root and ip, skopeo, ctr, containerd, docker-registry, curl: a missing one FAILS the run.
 import { createHash, randomUUID } from 'node:crypto'
 import { createReadStream } from 'node:fs'
-import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { access as canAccess, mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { pipeline } from 'node:stream/promises'
@@ -335,6 +335,8 @@ describe('e2e: pullmesh LAN mesh in network namespaces (mDNS discovery, peer dat
 
       const cold = await curlTimed(n1.net.ns, blobUrl(n1))
       expect(cold.bytes).toBe(layer.size)
+      // The response ends once the bytes verify; the store's commit (fsync, rename) follows.
+      await expect.poll(async () => await canAccess(blobPath(n1, layer.digest)).then(() => true, () => false), { timeout: 30_000 }).toBe(true)
       expect(await sha256File(blobPath(n1, layer.digest))).toBe(layer.digest)
       const warm = await curlTimed(n1.net.ns, blobUrl(n1))
       const bytesBefore = await Promise.all([n2, n3].map(async n => peerOf(await status(n), n1.peerId)?.bytes ?? 0))
@@ -348,6 +350,7 @@ describe('e2e: pullmesh LAN mesh in network namespaces (mDNS discovery, peer dat
       const access = parseAccessWithRemote((await registryBarrier()).slice(mark))
       expect(blobGetsFrom(access, n2.net.ip), 'node 2 fetched the big blob upstream').toEqual([])
       expect(blobGetsFrom(access, n3.net.ip), 'node 3 fetched the big blob upstream').toEqual([])
+      for (const n of [n2, n3]) await expect.poll(async () => await canAccess(blobPath(n, layer.digest)).then(() => true, () => false), { timeout: 30_000 }).toBe(true)
       expect(await sha256File(blobPath(n2, layer.digest))).toBe(layer.digest)
       expect(await sha256File(blobPath(n3, layer.digest))).toBe(layer.digest)
 

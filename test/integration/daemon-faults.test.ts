@@ -90,7 +90,8 @@ describe('shared streaming fills', () => {
       expect(r.headers['content-length']).toBe(String(data.length))
     }
     expect(blobGets(d)).toBe(1)
-    expect(await daemon.store.stat(parseDigest(d))).toMatchObject({ size: data.length })
+    // Clients finish once the bytes verify; the cache commit (fsync, rename, index) follows.
+    await expect.poll(async () => await daemon.store.stat(parseDigest(d))).toMatchObject({ size: data.length })
     // Cached: served without the upstream.
     const again = await fetchBody(blobPath(d))
     expect(sha(again.body)).toBe(d)
@@ -115,7 +116,7 @@ describe('shared streaming fills', () => {
     expect(r.aborted).toBe(false)
     expect(sha(r.body)).toBe(d)
     expect(blobGets(d)).toBe(1)
-    expect(await daemon.store.stat(parseDigest(d))).toBeDefined()
+    await expect.poll(async () => await daemon.store.stat(parseDigest(d))).toBeDefined()
   })
 
   it('serves a range while the blob is still filling, and HEAD on a miss joins the same fill', async () => {

@@ -94,6 +94,12 @@ async function pullAll (n: Daemon, repo: string, tag: string, blobs: Array<{ dig
     expect(r.status, `blob ${b.digest}`).toBe(200)
     expect(sha(r.body)).toBe(b.digest)
   }
+  for (const b of blobs) await cached(n, b.digest)
+}
+
+/** A client's response ends once the bytes verify; the store commits (fsync, rename, index) just after. */
+async function cached (n: Daemon, digest: string): Promise<void> {
+  await until(`${digest} to be committed`, async () => (await n.store.stat(parseDigest(digest))) !== undefined)
 }
 
 function blobFile (n: Daemon, digest: string): string {
@@ -128,7 +134,7 @@ describe('peers before the upstream', () => {
     expect(blobGets()).toBe(0)
     // The upstream stays the authority for tags while it is up.
     expect(up.requests.some(r => r.path.includes('/manifests/v1'))).toBe(true)
-    expect(await metric(b, 'pullmesh_mesh_hits_total{kind="blob"}')).toBe(img.blobs.length)
+    await until('B to count its mesh hits', async () => await metric(b, 'pullmesh_mesh_hits_total{kind="blob"}') === img.blobs.length)
 
     // Upstream down: a fresh node C resolves the tag from the mesh and the blobs from peers.
     const c = await node({ bootstrapFrom: [a] })
@@ -192,6 +198,7 @@ describe('peers before the upstream', () => {
     const data = randomBytes(2 * 1024 * 1024)
     const d = up.addBlob('library/app', data)
     expect(sha((await get(a, `/v2/${UP}/library/app/blobs/${d}`)).body)).toBe(d)
+    await cached(a, d)
     // A's copy rots on disk (same size): its data path now serves wrong bytes.
     const fh = await open(blobFile(a, d), 'r+')
     await fh.write(Buffer.from([0x00, 0xff, 0x00]), 0, 3, 1000)
@@ -213,6 +220,7 @@ describe('peers before the upstream', () => {
     const data = randomBytes(4 * 1024 * 1024)
     const d = up.addBlob('library/app', data)
     await get(a, `/v2/${UP}/library/app/blobs/${d}`)
+    await cached(a, d)
     await truncate(blobFile(a, d), 1024 * 1024)
     const b = await node({ bootstrapFrom: [a] })
     await until('B to learn A holds the blob', () => holds(b, d))

@@ -80,6 +80,6 @@ describe('daemon against docker-registry with token auth', () => {
     expect(all).not.toContain('pull-s3cret')
     expect(all).not.toMatch(/Bearer [A-Za-z0-9._-]{20,}/)
     expect(all).not.toMatch(/"authorization":"(?!\[redacted\])/i)
-    expect((await daemon.store.stat(parseDigest(blobDigest)))?.private).toBe(true)
+    await expect.poll(async () => (await daemon.store.stat(parseDigest(blobDigest)))?.private).toBe(true)
   })
 })

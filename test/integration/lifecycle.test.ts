@@ -46,6 +46,12 @@ async function pull (repo: string, tag: string, blobs: string[]): Promise<void> 
     const r = await simpleRequest(`${daemon.url()}/v2/life.test/${repo}/blobs/${d}`)
     expect(sha(r.body)).toBe(d)
   }
+  await fillsDone()
+}
+
+/** A client's response ends once the bytes verify; the fill commits to the store (fsync, rename, index) just after. */
+async function fillsDone (): Promise<void> {
+  await expect.poll(async () => (await daemon.metrics.fillsActive.get()).values[0]?.value ?? 0).toBe(0)
 }
 
 const cached = async (d: string): Promise<boolean> => (await daemon.store.stat(parseDigest(d))) !== undefined
@@ -112,6 +118,7 @@ describe('disk budget', () => {
     const big = randomBytes(32 * MiB)
     const d = up.addBlob('library/big', big)
     expect(sha((await simpleRequest(`${daemon.url()}/v2/life.test/library/big/blobs/${d}`)).body)).toBe(d)
+    await fillsDone()
     const u = new URL(`${daemon.url()}/v2/life.test/library/big/blobs/${d}`)
     let res!: import('node:http').IncomingMessage
     await new Promise<void>((resolve, reject) => {
@@ -171,7 +178,10 @@ describe('expiry, evict and gc', () => {
   it('status shows the cache against its budget, the hit ratio and health', async () => {
     daemon = await start({ maxSize: '1GiB' })
     const d = up.addBlob('library/s', randomBytes(5000))
-    for (let i = 0; i < 3; i++) await simpleRequest(`${daemon.url()}/v2/life.test/library/s/blobs/${d}`)
+    for (let i = 0; i < 3; i++) {
+      await simpleRequest(`${daemon.url()}/v2/life.test/library/s/blobs/${d}`)
+      await fillsDone()
+    }
     const human = await cli('status')
     expect(human.code, human.stderr).toBe(0)
     expect(human.stdout).toContain('of 1.0 GiB')
