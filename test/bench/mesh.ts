@@ -2,7 +2,7 @@
 // with a plain HTTP download of the same file between the same namespaces (Node http, 1 MiB chunks).
 // Namespaces get unique names (with our PID) and are always deleted; multicast stays inside them.
 import { spawn } from 'node:child_process'
-import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { access, mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { run } from '../helpers/exec.js'
 import { curlDownload } from './lib/load.js'
@@ -108,6 +108,11 @@ export async function mesh (ctx: Ctx): Promise<Row[]> {
     await curlDownload(`${A.url}${blobPath}`, { netns: ns.a, expectBytes: b.size })
     const hex = b.digest.slice('sha256:'.length)
     const file = join(A.dataDir, 'blobs', 'sha256', hex.slice(0, 2), hex)
+    // The response ends once the bytes verify; the commit (fsync, rename) follows.
+    for (const end = Date.now() + 60_000; !await access(file).then(() => true, () => false);) {
+      if (Date.now() > end) throw new Error(`node A never committed ${b.digest}`)
+      await new Promise(resolve => setTimeout(resolve, 50))
+    }
 
     // Baseline: a plain HTTP server in A's namespace serving the same file.
     const script = join(ctx.scratch, 'plain-server.mjs')
@@ -148,7 +153,12 @@ export async function mesh (ctx: Ctx): Promise<Row[]> {
           await new Promise(resolve => setTimeout(resolve, 1000))
           const from = up.access.length
           const d = await curlDownload(`${B.url}${blobPath}`, { netns: ns.b, expectBytes: b.size })
-          const hits = await metricValue(await textIn(ns.b, `${B.url}/metrics`), 'pullmesh_mesh_hits_total', 'kind="blob"')
+          // The hit is counted when B's fill commits, just after the response ends.
+          let hits = 0
+          for (const end = Date.now() + 30_000; Date.now() < end; await new Promise(resolve => setTimeout(resolve, 50))) {
+            hits = await metricValue(await textIn(ns.b, `${B.url}/metrics`), 'pullmesh_mesh_hits_total', 'kind="blob"')
+            if (hits >= 1) break
+          }
           const t = upstreamBlobTraffic(up, b.digest, from)
           if (hits < 1 || t.gets > 0) {
             return [notRun('6 mesh', `node B fetched from the upstream (${t.gets} upstream GETs, mesh blob hits ${hits}), not from node A`)]
