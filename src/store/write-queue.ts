@@ -40,7 +40,8 @@ export class WriteQueue {
     this.waiting += chunk.length
     this.unwritten += chunk.length
     if (this.flushing === undefined) {
-      if (this.waiting >= MIN_BATCH) this.startFlush(false)
+      // The first bytes go out at once: clients following the file are waiting for their first byte.
+      if (this.waiting >= MIN_BATCH || this.written === 0) this.startFlush(true)
       else this.arm()
     }
     if (this.unwritten <= WINDOW) return
