@@ -1,5 +1,5 @@
 import { open, type FileHandle } from 'node:fs/promises'
-import { Readable } from 'node:stream'
+import { finished, Readable } from 'node:stream'
 import type { Digest } from '../oci/digest.js'
 import type { ByteRange } from '../oci/range.js'
 import type { BlobInfo, BlobMeta, BlobStore, BlobWriter } from '../store/types.js'
@@ -144,10 +144,7 @@ export class Fill {
       // A streamed source's size goes out in response headers now; a peer's only once its bytes verified.
       if (src.streamable) this.publishSize(size)
       this.wake()
-      for await (const chunk of body) {
-        src.onBytes?.((chunk as Buffer).length)
-        await writer.write(chunk as Buffer)
-      }
+      await pump(body, writer, src.onBytes)
       const verifying = att
       this.info = await writer.commit(this.meta, () => {
         // Verified: readers may send the last bytes from the temp file while the store fsyncs and indexes.
@@ -301,4 +298,33 @@ export class Fill {
       },
     })
   }
+}
+
+/**
+ * Moves a body into the writer with 'data' events, pausing only while the writer is full: about a
+ * thousand chunks per 64 MiB, where an async iterator's per-chunk promises cost measurably more.
+ */
+async function pump (body: Readable, writer: BlobWriter, onBytes?: (n: number) => void): Promise<void> {
+  await new Promise<void>((resolve, reject) => {
+    let failed = false
+    const fail = (err: unknown): void => {
+      if (failed) return
+      failed = true
+      body.off('data', onData)
+      reject(err)
+    }
+    const onData = (chunk: Buffer): void => {
+      onBytes?.(chunk.length)
+      const p = writer.write(chunk)
+      if (writer.full) {
+        body.pause()
+        p.then(() => { if (!failed) body.resume() }, fail)
+      } else {
+        p.catch(fail)
+      }
+    }
+    body.on('data', onData)
+    // finished() also reports a body destroyed without an error (a premature close).
+    finished(body, { writable: false }, err => { if (err !== undefined && err !== null) fail(err); else if (!failed) resolve() })
+  })
 }

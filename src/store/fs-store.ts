@@ -296,6 +296,7 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
       digest: d,
       tempPath,
       get bytesWritten () { return out.written },
+      get full () { return out.full },
 
       write (chunk: Uint8Array): Promise<void> {
         if (state !== 'open') return Promise.reject(new Error(`blob writer is ${state}`))

@@ -52,6 +52,8 @@ export interface BlobWriter {
    * if an earlier write failed or this one would exceed the expected size.
    */
   write (chunk: Uint8Array): Promise<void>
+  /** True while write()'s promise is still pending on room: a caller that streams should wait for it. */
+  readonly full: boolean
   /**
    * Verifies, fsyncs, renames atomically and indexes. Throws VerificationError (and cleans up) on mismatch.
    * `onVerified` runs as soon as the bytes in the temp file have verified, before the fsync: they may be

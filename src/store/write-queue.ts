@@ -29,6 +29,9 @@ export class WriteQueue {
   private timer: NodeJS.Timeout | undefined
   private roomWaiters: Array<() => void> = []
 
+  /** More than WINDOW is waiting for the file: push() resolves only once it is under again. */
+  get full (): boolean { return this.unwritten > WINDOW }
+
   /** `onWritten` runs each time `written` grows. */
   constructor (private readonly fh: FileHandle, private readonly onWritten: () => void) {}
 

@@ -10,7 +10,8 @@ import { getFreePort } from '../../helpers/net.js'
 import { registryConfigYaml } from '../../helpers/registry.js'
 
 export const REPO_ROOT = fileURLToPath(new URL('../../..', import.meta.url))
-export const DAEMON_ENTRY = join(REPO_ROOT, 'dist', 'main.js')
+// PULLMESH_BENCH_ENTRY points the bench at another build (an older commit's dist/main.js) for A/B runs.
+export const DAEMON_ENTRY = process.env.PULLMESH_BENCH_ENTRY ?? join(REPO_ROOT, 'dist', 'main.js')
 export const REGISTRY_BIN = '/usr/bin/docker-registry'
 
 export interface Proc {
