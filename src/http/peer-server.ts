@@ -31,8 +31,9 @@ export function createPeerServer (c: PeerServerComponents, init: { key?: Buffer 
   })
   // On the response's close, not onResponse: a body sent by sendBody() bypasses fastify's hooks.
   app.addHook('onRequest', async (req, reply) => {
+    const t0 = performance.now()
     reply.raw.once('close', () => {
-      log.debug({ method: req.method, url: req.raw.url, statusCode: reply.raw.statusCode, remote: req.ip, ms: Math.round(reply.elapsedTime), ...(reply.raw.writableFinished ? {} : { aborted: true }) }, 'peer request')
+      log.debug({ method: req.method, url: req.raw.url, statusCode: reply.raw.statusCode, remote: req.ip, ms: Math.round(performance.now() - t0), ...(reply.raw.writableFinished ? {} : { aborted: true }) }, 'peer request')
     })
   })
 

@@ -179,6 +179,10 @@ describe('warm hits', () => {
     expect(ranged!.body.equals(data.subarray(1048000, 5000001))).toBe(true)
     expect(blobGets(d)).toBe(1)
     await expect.poll(() => daemon.store.inUse(digest)).toBe(false)
+    // Request durations cover the whole transfer, also for bodies sent outside fastify (sendBody).
+    const slowest = Math.max(...(await daemon.metrics.httpDuration.get()).values
+      .filter(v => v.metricName?.endsWith('_sum') === true && v.labels.route === 'blob').map(v => v.value))
+    expect(slowest).toBeGreaterThan(0.05)
   })
 
   it('a client that hangs up mid-body closes the file and leaves the blob intact', async () => {
