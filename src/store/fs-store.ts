@@ -263,9 +263,11 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
     const tempPath = join(tmpDir, `${digestHex(d).slice(0, 16)}-${randomUUID()}`)
     const fh = await open(tempPath, fsc.O_WRONLY | fsc.O_CREAT | fsc.O_EXCL, 0o644)
     const hash: Hash = createDigester(d)
-    const offloaded: FileHash | undefined = expected !== undefined && expected >= OFFLOAD_HASH_BYTES
-      ? hasher.open(tempPath, digestHashName(d))
-      : undefined
+    let offloaded: FileHash | undefined
+    if (expected !== undefined && expected >= OFFLOAD_HASH_BYTES) {
+      // Without a hashing thread (it could not start), the bytes are hashed in line as they come.
+      try { offloaded = hasher.open(tempPath, digestHashName(d)) } catch (err) { log.warn({ err }, 'hashing thread unavailable; hashing in line') }
+    }
     let state: WriterState = 'open'
     let reserved = 0
     let closed = false
