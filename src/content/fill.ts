@@ -3,6 +3,7 @@ import { finished, Readable } from 'node:stream'
 import type { Digest } from '../oci/digest.js'
 import type { ByteRange } from '../oci/range.js'
 import type { BlobInfo, BlobMeta, BlobStore, BlobWriter } from '../store/types.js'
+import { ChunkPool } from '../store/file-stream.js'
 import { NotFoundError, VerificationError } from '../errors.js'
 
 /** Bytes a reader takes from the file per read: about 1 MiB, as the NOTES measure. */
@@ -204,9 +205,8 @@ export class Fill {
     let busy = false
     let delegate: AsyncIterator<Buffer> | undefined
     let delegateStream: (Readable & { recycle?: (chunk: Buffer) => void }) | undefined
-    // Buffers handed back by the consumer (see recycle below), and the chunks out, by chunk, to their buffer.
-    const free: Buffer[] = []
-    const lent = new Map<Buffer, Buffer>()
+    // Buffers handed back by the consumer (see recycle below) are read into again.
+    const pool = new ChunkPool()
     const end = (): number => range !== undefined ? range.end + 1 : fill.size!
 
     const take = (a: Attempt | undefined): void => {
@@ -259,13 +259,13 @@ export class Fill {
               if (pos < available) {
                 const n = Math.min(CHUNK, available - pos)
                 // A pooled buffer is never shorter than n: reads only shrink towards the end.
-                const buf = free.pop() ?? Buffer.allocUnsafe(Math.min(CHUNK, e - pos))
+                const buf = pool.take(Math.min(CHUNK, e - pos))
                 const { bytesRead } = await att.fh.read(buf, 0, n, pos)
                 if (bytesRead === 0) throw new Error('cached file ended early')
                 pos += bytesRead
                 sent += bytesRead
                 const chunk = bytesRead === buf.length ? buf : buf.subarray(0, bytesRead)
-                lent.set(chunk, buf)
+                pool.lend(chunk, buf)
                 if (!this.push(chunk)) return
                 continue
               }
@@ -281,8 +281,7 @@ export class Fill {
       },
       destroy (err, cb) {
         take(undefined)
-        free.length = 0
-        lent.clear()
+        pool.clear()
         void delegate?.return?.()
         cb(err)
       },
@@ -291,10 +290,7 @@ export class Fill {
     // The same contract as the store's streams (src/store/file-stream.ts); unknown chunks are ignored.
     return Object.assign(stream, {
       recycle (chunk: Buffer): void {
-        const buf = lent.get(chunk)
-        if (buf === undefined) { delegateStream?.recycle?.(chunk); return }
-        lent.delete(chunk)
-        if (free.length < 3 && !stream.destroyed) free.push(buf)
+        if (!pool.recycle(chunk)) delegateStream?.recycle?.(chunk)
       },
     })
   }

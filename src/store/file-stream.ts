@@ -13,13 +13,47 @@ export const READ_CHUNK = 1024 * 1024
 /** Buffers a stream keeps for reuse: one being read into, one being written, one spare. */
 const POOL = 3
 
+/**
+ * The read buffers of one stream. A buffer is read into again only after the chunk lent out of it has
+ * been handed back (recycle). Callers ask for sizes that never grow, so a pooled buffer always fits.
+ */
+export class ChunkPool {
+  private readonly free: Buffer[] = []
+  /** Chunks handed out, by the object pushed, to the pooled buffer behind each. */
+  private readonly lent = new Map<Buffer, Buffer>()
+  private closed = false
+
+  /** A buffer of at least `size` bytes. */
+  take (size: number): Buffer {
+    return this.free.pop() ?? Buffer.allocUnsafe(size)
+  }
+
+  /** `chunk` (`buf` or a view of it) goes out to the consumer. */
+  lend (chunk: Buffer, buf: Buffer): void {
+    this.lent.set(chunk, buf)
+  }
+
+  /** Takes `chunk` back if it was lent from here; false for any other chunk. */
+  recycle (chunk: Buffer): boolean {
+    const buf = this.lent.get(chunk)
+    if (buf === undefined) return false
+    this.lent.delete(chunk)
+    if (this.free.length < POOL && !this.closed) this.free.push(buf)
+    return true
+  }
+
+  clear (): void {
+    this.closed = true
+    this.free.length = 0
+    this.lent.clear()
+  }
+}
+
 export class BlobFileStream extends Readable {
   private pos: number
   private next: Promise<Buffer> | undefined
   private reading = false
-  private readonly free: Buffer[] = []
-  /** Chunks handed out, by the object pushed, to the pooled buffer behind each. */
-  private readonly lent = new Map<Buffer, Buffer>()
+  private readonly pool = new ChunkPool()
 
   /** Bytes [start, end) of the file behind `fh`, which the stream owns and closes. A short file is an error. */
   constructor (private readonly fh: FileHandle, start: number, private readonly end: number) {
@@ -33,21 +67,18 @@ export class BlobFileStream extends Readable {
    * (for a socket, the write callback has run). Anything else is ignored.
    */
   recycle (chunk: Buffer): void {
-    const buf = this.lent.get(chunk)
-    if (buf === undefined) return
-    this.lent.delete(chunk)
-    if (this.free.length < POOL && !this.destroyed) this.free.push(buf)
+    this.pool.recycle(chunk)
   }
 
   private async fetch (): Promise<Buffer> {
     const n = Math.min(READ_CHUNK, this.end - this.pos)
     const at = this.pos
     this.pos += n
-    const buf = this.free.pop() ?? Buffer.allocUnsafe(n) // n is READ_CHUNK but for the last chunk
+    const buf = this.pool.take(n) // n is READ_CHUNK but for the last chunk
     const chunk = n === buf.length ? buf : buf.subarray(0, n)
     const { bytesRead } = await this.fh.read(buf, 0, n, at)
     if (bytesRead !== n) throw new Error(`blob file ended at ${at + bytesRead}, before ${this.end}`)
-    this.lent.set(chunk, buf)
+    this.pool.lend(chunk, buf)
     return chunk
   }
 
@@ -73,8 +104,7 @@ export class BlobFileStream extends Readable {
   }
 
   override _destroy (err: Error | null, cb: (err?: Error | null) => void): void {
-    this.free.length = 0
-    this.lent.clear()
+    this.pool.clear()
     // close() waits for a read still in flight.
     this.fh.close().then(() => cb(err), () => cb(err))
   }

@@ -275,8 +275,6 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
       offloaded?.advance(out.written)
       opts?.onProgress?.()
     })
-    /** Resolves once every accepted chunk is in the file (or the writer has failed). */
-    const settled = async (): Promise<void> => { await out.settled() }
 
     const closeFh = async (): Promise<void> => {
       if (closed) return
@@ -285,7 +283,7 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
     }
     const cleanup = async (): Promise<void> => {
       out.fail(new Error('blob writer closed'))
-      await settled()
+      await out.settled()
       offloaded?.drop()
       await closeFh()
       await unlinkQuiet(tempPath).catch(err => log.warn({ err, tempPath }, 'could not remove temp file'))
@@ -316,7 +314,7 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
         state = 'committing'
         const run = (async () => {
           try {
-            await settled()
+            await out.settled()
             if (out.failure !== undefined) throw out.failure
             const written = out.written
             if (expected !== undefined && written !== expected) {
