@@ -23,7 +23,7 @@ import { loadOrCreatePeerKey } from './peer-key.js'
 import { PeerIndex } from './peer-index.js'
 import {
   ANNOUNCE_TOPIC, INVENTORY_PROTOCOL, MAX_FRAME_BYTES, MAX_GOSSIP_BYTES, FRAME_ENTRIES, LineSplitter,
-  decodeGossip, decodeFrame, encodeAdds, encodeRemoves, encodeRemoveAll, encodeTag, encodeHello,
+  decodeGossip, decodeFrame, encodeAdds, encodeRemoves, encodeRemoveAll, encodeTag, encodeHello, encodeFilling, encodeUnfilling,
   frameReq, frameInv, frameBlobs, frameTags, frameEnd,
   type BlobEntry, type TagEntry, type GossipMessage,
 } from './messages.js'
@@ -59,6 +59,8 @@ const ADD_BATCH_MAX = 500
 const REDIAL_MS = 10_000
 const CONNECT_RETRY_DELAYS = [500, 2_000, 5_000]
 const DEDUPE_RETRY_MS = [2_000, 10_000]
+/** How long a `filling` record lives; a fill that runs longer is announced again. */
+const FILLING_TTL_MS = 2 * 60_000
 
 /** The pnet pre-shared key file contents (for `pullmesh keygen`). */
 export function generateMeshKey (): Uint8Array {
@@ -128,6 +130,10 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
   const servingTo = new Set<string>()
   /** Decoded messages, handed from the topic validator to the message listener. */
   const validated = new WeakMap<Message, GossipMessage>()
+
+  const upstreamIds = init.upstreams ?? []
+  /** Fills of ours that peers were told about (digest → size, when last announced). */
+  const fillingNow = new Map<Digest, { size: number, at: number }>()
 
   const drop = (reason: string): void => { counters.gossipDropped[reason] = (counters.gossipDropped[reason] ?? 0) + 1 }
   const updatePeerGauge = (): void => { if (node !== undefined) metrics.peersConnected.set(node.getPeers().length) }
@@ -233,7 +239,12 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
         if (m.all) { index.removeAll(from, now); lastInventory.delete(from) } else index.removeBlobs(from, m.digests, now)
         break
       case 'tag': index.putTag(from, m.entry, now); break
-      case 'hello': index.setDataPort(from, m.dataPort, now); break
+      case 'hello':
+        index.setDataPort(from, m.dataPort, now)
+        if (m.upstreams !== undefined) index.setUpstreams(from, m.upstreams, now)
+        break
+      case 'filling': index.putFilling(from, m.digest, m.size, m.ttlMs, now); break
+      case 'unfilling': index.dropFilling(from, m.digest); break
     }
   }
 
@@ -267,7 +278,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
       const req = reqLine === undefined ? undefined : decodeFrame(reqLine)
       const last = req?.ok === true && req.value.t === 'req' ? req.value : undefined
       const snapshotGen = gen
-      await send(stream, frameInv(init.dataPort, epoch, snapshotGen), signal)
+      await send(stream, frameInv(init.dataPort, epoch, snapshotGen, upstreamIds), signal)
       if (last?.epoch === epoch && last.gen === snapshotGen) {
         await send(stream, frameEnd(0, 0, true), signal)
       } else {
@@ -339,7 +350,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
       await stream.close({ signal })
 
       const splitter = new LineSplitter(MAX_FRAME_BYTES)
-      let head: { dataPort: number, epoch: string, gen: number } | undefined
+      let head: { dataPort: number, epoch: string, gen: number, upstreams?: string[] } | undefined
       let end: { blobs: number, tags: number, same: boolean } | undefined
       const blobs: BlobEntry[] = []
       const tags: TagEntry[] = []
@@ -368,6 +379,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
       if (state !== 'started') return
       const now = Date.now()
       index.setDataPort(id, head.dataPort, now)
+      if (head.upstreams !== undefined) index.setUpstreams(id, head.upstreams, now)
       if (end.same) {
         index.refreshAll(id, now)
         counters.inventoryUnchanged++
@@ -489,7 +501,12 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     const n = node
     if (n === undefined || state !== 'started') return
     for (const peerId of n.getPeers()) void refreshInventory(peerId)
-    void publish(encodeHello(init.dataPort))
+    void publish(encodeHello(init.dataPort, upstreamIds))
+    // A fill that runs for longer than its record's lifetime is announced again.
+    const t = Date.now()
+    for (const [d, f] of fillingNow) {
+      if (t - f.at > FILLING_TTL_MS / 2) { f.at = t; void publish(encodeFilling(d, f.size, FILLING_TTL_MS)) }
+    }
   }
 
   // ---- lifecycle -------------------------------------------------------------------------
@@ -543,7 +560,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     if (init.bootstrap.length > 0) timers.push(setInterval(redialBootstrap, REDIAL_MS))
     for (const t of timers) t.unref()
     flush()
-    void publish(encodeHello(init.dataPort))
+    void publish(encodeHello(init.dataPort, upstreamIds))
     log.info({ peer: selfId, addrs: n.getMultiaddrs().map(String), created }, 'mesh started')
   }
 
@@ -610,6 +627,31 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
 
     tagRecords (upstream: string, repo: string, tag: string): PeerTagRecord[] {
       return index.tagRecords(upstream, repo, tag, Date.now())
+    },
+
+    fillers (digest: Digest) {
+      return index.fillers(digest, Date.now())
+    },
+
+    members () {
+      return index.members(Date.now())
+    },
+
+    peerId () {
+      return selfId
+    },
+
+    announceFilling (digest: Digest, size: number): void {
+      if (state !== 'started' || fillingNow.has(digest)) return
+      fillingNow.set(digest, { size, at: Date.now() })
+      // Unbatched: a peer that misses this digest a moment from now should stream from us, not fetch.
+      void publish(encodeFilling(digest, size, FILLING_TTL_MS))
+    },
+
+    fillingEnded (digest: Digest, ok: boolean): void {
+      if (!fillingNow.delete(digest)) return
+      // Success is announced by the store's `added` (which also clears the record at peers).
+      if (!ok && state === 'started') void publish(encodeUnfilling(digest))
     },
 
     report (peerId: string, outcome: PeerOutcome): void {

@@ -23,13 +23,17 @@ export type GossipMessage =
   | { v: 1, t: 'add', blobs: BlobEntry[] }
   | { v: 1, t: 'remove', digests: Digest[], all: boolean }
   | { v: 1, t: 'tag', entry: TagEntry }
-  | { v: 1, t: 'hello', dataPort: number }
+  | { v: 1, t: 'hello', dataPort: number, upstreams?: string[] }
+  /** A fill in progress that peers may stream from (its size is known); short-lived, never batched. */
+  | { v: 1, t: 'filling', digest: Digest, size: number, ttlMs: number }
+  /** The fill announced by `filling` ended without the blob (an `add` follows instead when it succeeded). */
+  | { v: 1, t: 'unfilling', digest: Digest }
 
 export type InventoryFrame =
   /** Request (requester → responder): `epoch`/`gen` of the last complete inventory it holds from the responder. */
   | { v: 1, t: 'req', epoch?: string, gen?: number }
   /** First response frame. The responder's holdings change whenever `gen` changes; `epoch` changes per process. */
-  | { v: 1, t: 'inv', dataPort: number, epoch: string, gen: number }
+  | { v: 1, t: 'inv', dataPort: number, epoch: string, gen: number, upstreams?: string[] }
   | { v: 1, t: 'blobs', blobs: BlobEntry[] }
   | { v: 1, t: 'tags', tags: TagEntry[] }
   /** Last frame: counts for a completeness check, or `same` when nothing changed since the requester's epoch/gen. */
@@ -70,17 +74,24 @@ const tagEntry = z.object({
   record: z.object({ digest, mediaType, size, verifiedAt: z.number().int().nonnegative() }),
 })
 
+/** Upstream ids (see upstreamId in src/content/delegation.ts): which upstreams a node fetches for the mesh. */
+const upstreamIds = z.array(z.string().regex(/^[0-9a-f]{16}$/)).max(64)
+/** A `filling` record lives at most this long unless announced again. */
+export const MAX_FILLING_TTL_MS = 10 * 60_000
+
 const gossipSchema = z.discriminatedUnion('t', [
   z.object({ t: z.literal('add'), m: z.unknown(), b: z.unknown() }),
   z.object({ t: z.literal('remove'), d: z.array(digest).max(2000).optional(), all: z.boolean().optional() }),
   z.object({ t: z.literal('tag'), upstream: z.unknown(), repo: z.unknown(), tag: z.unknown(), record: z.unknown() }),
-  z.object({ t: z.literal('hello'), dataPort: port }),
+  z.object({ t: z.literal('hello'), dataPort: port, u: upstreamIds.optional() }),
+  z.object({ t: z.literal('filling'), digest, size, ttl: z.number().int().min(1).max(MAX_FILLING_TTL_MS) }),
+  z.object({ t: z.literal('unfilling'), digest }),
 ])
 
 const epoch = z.string().min(1).max(64)
 const frameSchema = z.discriminatedUnion('t', [
   z.object({ t: z.literal('req'), epoch: epoch.optional(), gen: size.optional() }),
-  z.object({ t: z.literal('inv'), dataPort: port, epoch, gen: size }),
+  z.object({ t: z.literal('inv'), dataPort: port, epoch, gen: size, u: upstreamIds.optional() }),
   z.object({ t: z.literal('blobs'), m: z.unknown(), b: z.unknown() }),
   z.object({ t: z.literal('tags'), tags: z.array(tagEntry).max(FRAME_ENTRIES) }),
   z.object({ t: z.literal('end'), blobs: size, tags: size, same: z.boolean().optional() }),
@@ -117,7 +128,11 @@ export function decodeGossip (data: Uint8Array): DecodeResult<GossipMessage> {
       return e.success ? { ok: true, value: { v: 1, t: 'tag', entry: e.data } } : { ok: false, reason: 'schema' }
     }
     case 'hello':
-      return { ok: true, value: { v: 1, t: 'hello', dataPort: m.dataPort } }
+      return { ok: true, value: { v: 1, t: 'hello', dataPort: m.dataPort, ...(m.u !== undefined ? { upstreams: m.u } : {}) } }
+    case 'filling':
+      return { ok: true, value: { v: 1, t: 'filling', digest: m.digest, size: m.size, ttlMs: m.ttl } }
+    case 'unfilling':
+      return { ok: true, value: { v: 1, t: 'unfilling', digest: m.digest } }
   }
 }
 
@@ -129,7 +144,7 @@ export function decodeFrame (line: Uint8Array): DecodeResult<InventoryFrame> {
   const f = r.data
   switch (f.t) {
     case 'req': return { ok: true, value: { v: 1, t: 'req', ...(f.epoch !== undefined ? { epoch: f.epoch } : {}), ...(f.gen !== undefined ? { gen: f.gen } : {}) } }
-    case 'inv': return { ok: true, value: { v: 1, t: 'inv', dataPort: f.dataPort, epoch: f.epoch, gen: f.gen } }
+    case 'inv': return { ok: true, value: { v: 1, t: 'inv', dataPort: f.dataPort, epoch: f.epoch, gen: f.gen, ...(f.u !== undefined ? { upstreams: f.u } : {}) } }
     case 'blobs': {
       const b = blobTable.safeParse({ m: f.m, b: f.b })
       return b.success ? { ok: true, value: { v: 1, t: 'blobs', blobs: b.data } } : { ok: false, reason: 'schema' }
@@ -183,12 +198,14 @@ export function encodeRemoves (digests: Digest[]): Uint8Array[] {
 
 export const encodeRemoveAll = (): Uint8Array => enc({ v: WIRE_VERSION, t: 'remove', all: true })
 export const encodeTag = (e: TagEntry): Uint8Array => enc({ v: WIRE_VERSION, t: 'tag', upstream: e.upstream, repo: e.repo, tag: e.tag, record: e.record })
-export const encodeHello = (dataPort: number): Uint8Array => enc({ v: WIRE_VERSION, t: 'hello', dataPort })
+export const encodeHello = (dataPort: number, upstreams: string[] = []): Uint8Array => enc({ v: WIRE_VERSION, t: 'hello', dataPort, u: upstreams })
+export const encodeFilling = (digest: Digest, size: number, ttlMs: number): Uint8Array => enc({ v: WIRE_VERSION, t: 'filling', digest, size, ttl: ttlMs })
+export const encodeUnfilling = (digest: Digest): Uint8Array => enc({ v: WIRE_VERSION, t: 'unfilling', digest })
 
 /** Inventory frames are JSON lines; JSON.stringify never emits a raw newline. */
 const line = (o: unknown): Uint8Array => Buffer.from(JSON.stringify(o) + '\n', 'utf8')
 export const frameReq = (last?: { epoch: string, gen: number }): Uint8Array => line({ v: WIRE_VERSION, t: 'req', ...last })
-export const frameInv = (dataPort: number, epoch: string, gen: number): Uint8Array => line({ v: WIRE_VERSION, t: 'inv', dataPort, epoch, gen })
+export const frameInv = (dataPort: number, epoch: string, gen: number, upstreams: string[] = []): Uint8Array => line({ v: WIRE_VERSION, t: 'inv', dataPort, epoch, gen, u: upstreams })
 export const frameBlobs = (blobs: BlobEntry[]): Uint8Array => line({ v: WIRE_VERSION, t: 'blobs', ...table(blobs) })
 export const frameTags = (tags: TagEntry[]): Uint8Array => line({ v: WIRE_VERSION, t: 'tags', tags })
 export const frameEnd = (blobs: number, tags: number, same = false): Uint8Array => line({ v: WIRE_VERSION, t: 'end', blobs, tags, same })

@@ -18,6 +18,12 @@ export interface PeerIndexInit {
 
 interface BlobSlot { size: number, mediaType: string, expires: number, refreshedAt: number }
 interface TagSlot { entry: TagEntry, expires: number, refreshedAt: number }
+interface FillingSlot { size: number, expires: number }
+
+/** Filling records a peer may have at once (each is a fill in progress on that peer). */
+const MAX_FILLING_PER_PEER = 256
+/** A peer whose score fell below this (two bad transfers in a row) is not offered as a holder until it recovers. */
+export const QUARANTINE_SCORE = -7.5
 
 interface PeerState {
   peerId: string
@@ -25,6 +31,10 @@ interface PeerState {
   tags: Map<string, TagSlot>
   /** digest → when a remove arrived; lets an inventory that was in flight not resurrect it. */
   removedAt: Map<Digest, number>
+  /** Fills in progress on the peer that may be streamed from (digest → size), short-lived. */
+  filling: Map<Digest, FillingSlot>
+  /** Upstream ids the peer fetches for the mesh (from its hello / inventory). */
+  upstreams: string[]
   /** Time of the last `remove all` (withdrawal). */
   withdrawnAt: number
   dataPort?: number
@@ -67,7 +77,7 @@ export class PeerIndex {
   private peer (peerId: string, now: number, create = true): PeerState | undefined {
     let p = this.peers.get(peerId)
     if (p === undefined && create && this.peers.size < this.maxPeers) {
-      p = { peerId, blobs: new Map(), tags: new Map(), removedAt: new Map(), withdrawnAt: 0, addrs: [], connected: false, disconnectedAt: now, lastSeen: now, score: 0, scoreAt: now, bytes: 0 }
+      p = { peerId, blobs: new Map(), tags: new Map(), removedAt: new Map(), filling: new Map(), upstreams: [], withdrawnAt: 0, addrs: [], connected: false, disconnectedAt: now, lastSeen: now, score: 0, scoreAt: now, bytes: 0 }
       this.peers.set(peerId, p)
     }
     if (p !== undefined) p.lastSeen = Math.max(p.lastSeen, now)
@@ -96,7 +106,24 @@ export class PeerIndex {
     if (p !== undefined) p.dataPort = port
   }
 
+  setUpstreams (peerId: string, upstreams: string[], now: number): void {
+    const p = this.peer(peerId, now)
+    if (p !== undefined) p.upstreams = upstreams.slice(0, 64)
+  }
+
   // ---- announcements ----
+
+  /** The peer is filling `digest` (size known) and can stream it; forgotten after ttlMs, or on add/unfilling. */
+  putFilling (peerId: string, digest: Digest, size: number, ttlMs: number, now: number): void {
+    const p = this.peer(peerId, now)
+    if (p === undefined || p.blobs.has(digest)) return
+    if (!p.filling.has(digest) && p.filling.size >= MAX_FILLING_PER_PEER) return
+    p.filling.set(digest, { size, expires: now + ttlMs })
+  }
+
+  dropFilling (peerId: string, digest: Digest): void {
+    this.peers.get(peerId)?.filling.delete(digest)
+  }
 
   addBlobs (peerId: string, blobs: BlobEntry[], now: number): void {
     const p = this.peer(peerId, now)
@@ -114,6 +141,7 @@ export class PeerIndex {
     } else {
       p.bytes -= old.size
     }
+    p.filling.delete(b.digest)
     p.blobs.set(b.digest, { size: b.size, mediaType: b.mediaType, expires: now + this.init.entryTtlMs, refreshedAt: now })
     p.bytes += b.size
     p.removedAt.delete(b.digest)
@@ -149,6 +177,7 @@ export class PeerIndex {
     if (p === undefined) return
     for (const d of [...p.blobs.keys()]) this.dropBlob(p, d)
     for (const k of [...p.tags.keys()]) this.dropTag(p, k)
+    p.filling.clear()
     p.removedAt.clear()
     p.withdrawnAt = now
   }
@@ -220,7 +249,8 @@ export class PeerIndex {
     const p = this.peers.get(peerId)
     if (p === undefined) return
     const s = this.scoreOf(p, now)
-    p.score = outcome === 'good' ? Math.min(5, s + 0.5) : Math.max(-20, s - 4)
+    // 'missing': it announced the digest, then answered 404 (a mild penalty: it may just have evicted it).
+    p.score = outcome === 'good' ? Math.min(5, s + 0.5) : Math.max(-20, s - (outcome === 'missing' ? 2 : 4))
     p.scoreAt = now
   }
 
@@ -236,6 +266,7 @@ export class PeerIndex {
       for (const [d, slot] of [...p.blobs]) if (slot.expires <= now) this.dropBlob(p, d)
       for (const [k, slot] of [...p.tags]) if (slot.expires <= now) this.dropTag(p, k)
       for (const [d, at] of [...p.removedAt]) if (now - at > this.init.entryTtlMs) p.removedAt.delete(d)
+      for (const [d, slot] of [...p.filling]) if (slot.expires <= now) p.filling.delete(d)
     }
   }
 
@@ -262,11 +293,37 @@ export class PeerIndex {
       const slot = p?.blobs.get(digest)
       if (p === undefined || slot === undefined || slot.expires <= now) continue
       if (p.host === undefined || p.dataPort === undefined) continue // we cannot reach it
+      if (this.scoreOf(p, now) < QUARANTINE_SCORE) continue
       rows.push({ peerId: id, dataUrl: formatDataUrl(p.host, p.dataPort), score: this.scoreOf(p, now), connected: p.connected, r: Math.random() })
     }
     // Best score first; then connected peers; then random, so equal peers share the load.
     rows.sort((a, b) => (Math.round((b.score - a.score) * 100)) || (Number(b.connected) - Number(a.connected)) || (a.r - b.r))
     return rows.map(({ peerId, dataUrl }) => ({ peerId, dataUrl }))
+  }
+
+  /** Connected peers that are filling `digest` right now and can stream it (size known), best first. */
+  fillers (digest: Digest, now: number): Array<PeerHolder & { size: number }> {
+    const rows: Array<PeerHolder & { size: number, score: number, r: number }> = []
+    for (const p of this.peers.values()) {
+      const slot = p.filling.get(digest)
+      if (slot === undefined || slot.expires <= now || !p.connected) continue
+      if (p.host === undefined || p.dataPort === undefined) continue
+      const score = this.scoreOf(p, now)
+      if (score < QUARANTINE_SCORE) continue
+      rows.push({ peerId: p.peerId, dataUrl: formatDataUrl(p.host, p.dataPort), size: slot.size, score, r: Math.random() })
+    }
+    rows.sort((a, b) => (Math.round((b.score - a.score) * 100)) || (a.r - b.r))
+    return rows.map(({ peerId, dataUrl, size }) => ({ peerId, dataUrl, size }))
+  }
+
+  /** Connected peers we can reach on the data path, with the upstreams they fetch for the mesh. */
+  members (now: number): Array<PeerHolder & { upstreams: string[], score: number }> {
+    const out: Array<PeerHolder & { upstreams: string[], score: number }> = []
+    for (const p of this.peers.values()) {
+      if (!p.connected || p.host === undefined || p.dataPort === undefined) continue
+      out.push({ peerId: p.peerId, dataUrl: formatDataUrl(p.host, p.dataPort), upstreams: p.upstreams, score: this.scoreOf(p, now) })
+    }
+    return out
   }
 
   tagRecords (upstream: string, repo: string, tag: string, now: number): PeerTagRecord[] {

@@ -22,7 +22,11 @@ export interface MeshPeerStatus {
 
 export interface MeshStatus { peerId: string, addrs: string[], peers: MeshPeerStatus[] }
 
-export type PeerOutcome = 'good' | 'bad'
+/** good: a verified transfer; bad: wrong bytes, stall, error; missing: announced it, then answered 404. */
+export type PeerOutcome = 'good' | 'bad' | 'missing'
+
+/** A connected peer reachable on the data path, and the upstreams it fetches for the mesh (ids). */
+export interface MeshMember extends PeerHolder { upstreams: string[], score: number }
 
 export interface Mesh {
   /** Idempotent. */
@@ -31,6 +35,16 @@ export interface Mesh {
   stop (): Promise<void>
   /** Peers that hold `digest`, best first (score, then connected). Reads only the local index: never waits on the network. */
   holders (digest: Digest): PeerHolder[]
+  /** Connected peers that are filling `digest` now and can stream it; local index only. */
+  fillers (digest: Digest): Array<PeerHolder & { size: number }>
+  /** Connected peers reachable on the data path (the candidates for fetching on the mesh's behalf). */
+  members (): MeshMember[]
+  /** Our libp2p peer id ('' before start). */
+  peerId (): string
+  /** Announces at once (no batching) that we are filling `digest` and can stream it. */
+  announceFilling (digest: Digest, size: number): void
+  /** The announced fill ended without the blob (on success, the store's `added` announcement replaces it). */
+  fillingEnded (digest: Digest, ok: boolean): void
   /** Tag records peers announced for upstream/repo:tag, freshest verifiedAt first. Local index only. */
   tagRecords (upstream: string, repo: string, tag: string): PeerTagRecord[]
   /** The data path reports how a peer behaved: bad (wrong bytes, stall, error) lowers its score for later requests. */
@@ -51,6 +65,8 @@ export interface MeshInit {
   meshKey?: Uint8Array
   /** TCP port of our plain-HTTP data path, announced to peers. */
   dataPort: number
+  /** Ids of the upstreams this node fetches for the mesh (shared, not credentialed), announced to peers. */
+  upstreams?: string[]
   /** How long a disconnected peer's holdings are kept (default 30 s). */
   peerTtlMs?: number
   /** How often holdings are re-fetched from connected peers (default 60 s). Entries expire after 3 intervals. */
