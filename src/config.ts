@@ -41,6 +41,10 @@ export interface Config {
     meshKeyFile?: string
     /** How long a peer may take to start sending before the next source is tried. */
     peerTimeoutMs: number
+    /** A transfer from a peer slower than this (averaged over the window) moves on to the next source. */
+    peerMinRate: { bytesPerSec: number, windowMs: number }
+    /** Misses that another node is chosen to fetch are asked of it instead of the upstream. */
+    delegate: boolean
   }
 }
 
@@ -62,6 +66,9 @@ export interface RawSettings {
   peerListen?: string
   meshKey?: string
   peerTimeout?: string
+  peerMinRate?: string
+  peerRateWindow?: string
+  delegate?: boolean | string
   upstreamConnectTimeout?: string
   upstreamHeadersTimeout?: string
   upstreamBodyTimeout?: string
@@ -87,6 +94,9 @@ export const ENV_VARS: Record<string, keyof RawSettings> = {
   PULLMESH_PEER_LISTEN: 'peerListen',
   PULLMESH_MESH_KEY: 'meshKey',
   PULLMESH_PEER_TIMEOUT: 'peerTimeout',
+  PULLMESH_PEER_MIN_RATE: 'peerMinRate',
+  PULLMESH_PEER_RATE_WINDOW: 'peerRateWindow',
+  PULLMESH_DELEGATE: 'delegate',
   PULLMESH_UPSTREAM_CONNECT_TIMEOUT: 'upstreamConnectTimeout',
   PULLMESH_UPSTREAM_HEADERS_TIMEOUT: 'upstreamHeadersTimeout',
   PULLMESH_UPSTREAM_BODY_TIMEOUT: 'upstreamBodyTimeout',
@@ -105,6 +115,8 @@ export const DEFAULTS = {
   p2pListen: ['/ip4/0.0.0.0/tcp/4001'],
   peerListen: '0.0.0.0:5050',
   peerTimeout: '500ms',
+  peerMinRate: '64KiB',
+  peerRateWindow: '5s',
   upstreamConnectTimeout: '10s',
   upstreamHeadersTimeout: '30s',
   upstreamBodyTimeout: '60s',
@@ -147,6 +159,9 @@ const fileSchema = z.object({
   peerListen: z.string(),
   meshKey: z.string(),
   peerTimeout: z.union([z.string(), z.number()]),
+  peerMinRate: z.union([z.string(), z.number()]),
+  peerRateWindow: z.union([z.string(), z.number()]),
+  delegate: z.boolean(),
   upstreamConnectTimeout: z.union([z.string(), z.number()]),
   upstreamHeadersTimeout: z.union([z.string(), z.number()]),
   upstreamBodyTimeout: z.union([z.string(), z.number()]),
@@ -189,6 +204,9 @@ export function settingsFromFile (path: string, problems: string[]): RawSettings
     peerListen: d.peerListen,
     meshKey: rel(d.meshKey),
     peerTimeout: str(d.peerTimeout),
+    peerMinRate: str(d.peerMinRate),
+    peerRateWindow: str(d.peerRateWindow),
+    delegate: d.delegate,
     upstreamConnectTimeout: str(d.upstreamConnectTimeout),
     upstreamHeadersTimeout: str(d.upstreamHeadersTimeout),
     upstreamBodyTimeout: str(d.upstreamBodyTimeout),
@@ -270,6 +288,9 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
   if (maxBytes === undefined || maxBytes < 1024 * 1024) problems.push(`max-size: expected a size such as 50GiB or 500MiB (at least 1MiB), got "${s.maxSize}"`)
   const maxAgeMs = s.maxAge === 'off' || s.maxAge === '0' ? undefined : dur('max-age', s.maxAge, 1000)
   const peerTimeoutMs = dur('peer-timeout', s.peerTimeout, 10)
+  const peerMinRate = parseSize(s.peerMinRate ?? '')
+  if (peerMinRate === undefined) problems.push(`peer-min-rate: expected bytes per second such as 64KiB or 0 (off), got "${s.peerMinRate}"`)
+  const peerRateWindowMs = dur('peer-rate-window', s.peerRateWindow, 100)
   const connectMs = dur('upstream-connect-timeout', s.upstreamConnectTimeout, 10)
   const headersMs = dur('upstream-headers-timeout', s.upstreamHeadersTimeout, 10)
   const bodyIdleMs = dur('upstream-body-timeout', s.upstreamBodyTimeout, 10)
@@ -311,6 +332,7 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
 
   const mdns = bool(s.mdns, 'mdns', problems) ?? true
   const meshEnabled = bool(s.mesh, 'mesh', problems) ?? true
+  const delegate = bool(s.delegate, 'delegate', problems) ?? true
   for (const a of s.p2pListen ?? []) {
     if (!/^\/(ip4|ip6)\/[^/]+\/tcp\/\d+$/.test(a)) problems.push(`p2p-listen: expected /ip4/HOST/tcp/PORT, got "${a}"`)
   }
@@ -340,6 +362,8 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
       peerListen: peerListen!,
       ...(s.meshKey !== undefined ? { meshKeyFile: resolve(s.meshKey) } : {}),
       peerTimeoutMs,
+      peerMinRate: { bytesPerSec: peerMinRate ?? 0, windowMs: peerRateWindowMs },
+      delegate,
     },
   }
   return deepFreeze(config)

@@ -18,6 +18,7 @@ import { createEvictor, type Evictor } from './store/eviction.js'
 import { createPeerServer } from './http/peer-server.js'
 import type { Mesh } from './mesh/types.js'
 import { dataPathKey } from './peer-protocol.js'
+import { upstreamId } from './content/delegation.js'
 
 export interface Daemon {
   readonly config: Readonly<Config>
@@ -61,12 +62,29 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
   let peers: (PeerContent & { close: () => Promise<void> }) | undefined
   const peerView: PeerContent = {
     blobSources: (d) => peers?.blobSources(d) ?? [],
+    fetcherFor: (u, k) => peers?.fetcherFor(u, k),
+    delegateBlob: (f, u, r, d) => {
+      if (peers === undefined) throw new Error('the mesh is not running')
+      return peers.delegateBlob(f, u, r, d)
+    },
+    delegateManifest: async (f, u, r, ref, max, signal) => await peers?.delegateManifest(f, u, r, ref, max, signal),
+    announceFilling: (d, size) => peers?.announceFilling(d, size),
+    fillingEnded: (d, ok) => peers?.fillingEnded(d, ok),
     fetchSmall: async (d, max, signal) => await peers?.fetchSmall(d, max, signal),
     tagRecords: (u, r, t) => peers?.tagRecords(u, r, t) ?? [],
   }
+  const upstreamIds = new Map(config.upstreams.map(u => [u.name, upstreamId(u.url)]))
+  // The upstreams this node fetches for the mesh: those whose content it may share.
+  const sharedUpstreamIds = [...new Set(config.upstreams.filter(u => u.credentials === undefined || u.shareWithPeers).map(u => upstreamIds.get(u.name)!))]
   const resolver = createResolver({ store, upstreams, logger, metrics, ...(config.mesh.enabled ? { peers: peerView } : {}) }, {
     tagTtlMs: config.tagTtlMs,
     shareCredentialed: new Set(config.upstreams.filter(u => u.shareWithPeers).map(u => u.name)),
+    upstreamIds,
+    delegate: config.mesh.delegate,
+    // Only nodes that hold the mesh key may tell us what a tag resolves to while the upstream is up.
+    delegateTags: config.mesh.meshKeyFile !== undefined,
+    // With the upstream unreachable, a tag peers can answer waits about one connect attempt plus a peer timeout.
+    outageProbeMs: config.upstreamTimeouts.connectMs + config.mesh.peerTimeoutMs,
   })
   let ready = false
   const evictor: Evictor = createEvictor({ store, logger, metrics, busy: () => resolver.activeFills() }, {
@@ -106,10 +124,11 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       bootstrap: config.mesh.bootstrap,
       mdns: config.mesh.mdns,
       dataPort,
+      upstreams: config.mesh.delegate ? sharedUpstreamIds : [],
       ...(meshKey !== undefined ? { meshKey } : {}),
     })
     await mesh.start()
-    peers = createPeerContent({ mesh, metrics, logger }, { timeoutMs: config.mesh.peerTimeoutMs, maxBytes: config.maxBytes, ...(key !== undefined ? { key } : {}) })
+    peers = createPeerContent({ mesh, metrics, logger }, { timeoutMs: config.mesh.peerTimeoutMs, maxBytes: config.maxBytes, minRate: config.mesh.peerMinRate, ...(key !== undefined ? { key } : {}) })
     logger.info({ peerUrl, p2p: mesh.multiaddrs(), mdns: config.mesh.mdns, private: meshKey !== undefined }, 'mesh started')
   }
 

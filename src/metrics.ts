@@ -26,6 +26,13 @@ export interface Metrics {
   readonly peerBytes: Counter<'direction'>
   readonly meshHits: Counter<'kind'>
   readonly peerErrors: Counter<'reason'>
+  /** Fetches asked of the node chosen to fetch for the mesh, and those that failed (then fetched here). */
+  readonly delegations: Counter<'kind'>
+  readonly delegationFailures: Counter<'kind'>
+  /** Fetches this node made (or joined) on a peer's behalf. */
+  readonly servedForPeers: Counter<'kind'>
+  /** Content that came from the mesh instead of this node's own upstream request. */
+  readonly upstreamAvoided: Counter<'kind'>
 }
 
 export function createMetrics (): Metrics {
@@ -50,6 +57,10 @@ export function createMetrics (): Metrics {
     peersConnected: new Gauge({ name: 'pullmesh_mesh_peers_connected', help: 'Mesh peers connected', registers: r }),
     peerBytes: new Counter({ name: 'pullmesh_mesh_peer_bytes_total', help: 'Bytes exchanged with peers (direction: in|out)', labelNames: ['direction'], registers: r }),
     meshHits: new Counter({ name: 'pullmesh_mesh_hits_total', help: 'Misses served from a peer', labelNames: ['kind'], registers: r }),
+    delegations: new Counter({ name: 'pullmesh_mesh_delegated_fetches_total', help: 'Fetches asked of the node chosen to fetch for the mesh', labelNames: ['kind'], registers: r }),
+    delegationFailures: new Counter({ name: 'pullmesh_mesh_delegated_failures_total', help: 'Delegated fetches that failed and were fetched here instead', labelNames: ['kind'], registers: r }),
+    servedForPeers: new Counter({ name: 'pullmesh_mesh_fetches_for_peers_total', help: 'Fetches made or joined on a peer\'s behalf', labelNames: ['kind'], registers: r }),
+    upstreamAvoided: new Counter({ name: 'pullmesh_mesh_upstream_fetches_avoided_total', help: 'Content taken from the mesh instead of from the upstream', labelNames: ['kind'], registers: r }),
     peerErrors: new Counter({ name: 'pullmesh_mesh_peer_errors_total', help: 'Peer fetch failures by reason', labelNames: ['reason'], registers: r }),
   }
 }

@@ -9,21 +9,40 @@ import { NotFoundError, VerificationError } from '../errors.js'
 /** Bytes a reader takes from the file per read: about 1 MiB, as the NOTES measure. */
 const CHUNK = 1024 * 1024
 
-/** One way to get a blob's bytes: a peer or the upstream. */
+/** One way to get a blob's bytes: a peer that holds it or is filling it, a peer that fetches it for us, or the upstream. */
 export interface FillSource {
-  /** `peer:<id>` or `upstream:<name>`; used in logs and metrics. */
+  /** `peer:<id>`, `delegate:<id>` or `upstream:<name>`; used in logs and metrics. */
   readonly label: string
-  /** `peer` or `upstream`: the metrics label for bytes from it. */
-  readonly kind: 'peer' | 'upstream'
-  /** Readers may stream this source's bytes before verification (the upstream: yes; peers: no). */
+  /** Where the bytes come from: the metrics label for them. `delegate` is a peer fetching on our behalf. */
+  readonly kind: 'peer' | 'delegate' | 'upstream'
+  /** Readers may stream this source's bytes before verification (the last byte always waits for it). */
   readonly streamable: boolean
-  /** Opens the body. Undefined means the source does not have it (try the next one). */
-  open (signal: AbortSignal): Promise<{ body: Readable, size: number } | undefined>
+  /** The source can continue an attempt another source broke off: `open` honours `from.start`. */
+  readonly resumable?: boolean
+  /**
+   * Below this rate (bytes per second, averaged over windowMs) the transfer is cut off and the next
+   * source continues: a peer that trickles must not hold a fill, and every client waiting on it, forever.
+   */
+  readonly minRate?: { bytesPerSec: number, windowMs: number }
+  /**
+   * Opens the body. Undefined means the source does not have it (try the next one). With `from`, only
+   * the bytes from `from.start` of a blob of `from.size` bytes are wanted; a source that sends the whole
+   * blob instead says so with `start: 0`.
+   */
+  open (signal: AbortSignal, from?: { start: number, size: number }): Promise<{ body: Readable, size: number, start?: number } | undefined>
   /** Called when this source failed (wrong bytes, stall, error), before the next one is tried. */
   onFailure?: (err: unknown) => void
+  /** Called when the source answered that it does not have the blob. */
+  onMissing?: () => void
   onSuccess?: () => void
   /** Counts bytes as the fill takes them (never attach a 'data' listener: it would start the flow early). */
   onBytes?: (n: number) => void
+}
+
+/** A source sent less than its minimum rate. */
+export class TransferTooSlowError extends Error {
+  override readonly name = 'TransferTooSlowError'
+  readonly code = 'PM_TRANSFER_TOO_SLOW'
 }
 
 export type FillState = 'running' | 'done' | 'failed'
@@ -38,7 +57,15 @@ interface Attempt {
   ok: boolean
   /** The file handle is closed (or closing): readers must not take this attempt. */
   closed: boolean
+  /** endAttempt has begun. */
+  ending: boolean
+  /** Bytes handed to the writer so far: where a resumed transfer continues. */
+  accepted: number
+  readonly size: number
 }
+
+/** How a copy ended: committed, or failed (and whether the attempt can be continued by another source). */
+type CopyResult = { ok: true } | { ok: false, error: unknown, resumable: Attempt | undefined }
 
 /**
  * One cache fill of one digest, shared by every client that asks for it while it runs.
@@ -63,6 +90,7 @@ export class Fill {
   /** The source that wrote the bytes (set when the fill is done). */
   source: FillSource | undefined
   private current: Attempt | undefined
+  private active: FillSource | undefined
   private waiters: Array<() => void> = []
   private readonly sized: Promise<number>
   private resolveSize!: (n: number) => void
@@ -89,17 +117,22 @@ export class Fill {
   /** Runs the fill to its end. Never throws: the outcome is in `state`, `info` and `error`. */
   async run (sources: FillSource[], signal: AbortSignal): Promise<void> {
     let lastError: unknown
+    /** An attempt whose source broke off mid-transfer: the next resumable source continues it. */
+    let broken: Attempt | undefined
     for (const src of sources) {
       if (signal.aborted) { lastError = signal.reason; break }
-      let opened: { body: Readable, size: number } | undefined
+      this.active = src
+      const resumeAt = broken !== undefined && src.resumable === true ? broken.accepted : 0
+      if (broken !== undefined && resumeAt === 0) { await this.endAttempt(broken); broken = undefined }
+      let opened: { body: Readable, size: number, start?: number } | undefined
       try {
-        opened = await src.open(signal)
+        opened = await src.open(signal, broken !== undefined ? { start: resumeAt, size: broken.size } : undefined)
       } catch (err) {
         src.onFailure?.(err)
         lastError = err
         continue
       }
-      if (opened === undefined) continue
+      if (opened === undefined) { src.onMissing?.(); continue }
       // The body can fail before the copy starts reading it; the copy sees that error through
       // the stream's errored state, so a listener must be there to keep it from being uncaught.
       opened.body.on('error', () => {})
@@ -111,62 +144,103 @@ export class Fill {
         lastError = err
         continue
       }
-      const error = await this.copy(opened.body, opened.size, src, signal)
-      if (error === undefined) {
+      // A source that sent the whole blob instead of the rest starts a fresh attempt.
+      if (broken !== undefined && (opened.start ?? 0) !== resumeAt) { await this.endAttempt(broken); broken = undefined }
+      const r = await this.copy(opened.body, opened.size, src, signal, broken)
+      broken = undefined
+      if (r.ok) {
         src.onSuccess?.()
         this.source = src
         this.state = 'done'
         this.wake()
         return
       }
-      src.onFailure?.(error)
-      lastError = error
-      // A streamed attempt may have handed unverified bytes to readers, who cannot switch sources.
-      if (src.streamable) break
+      src.onFailure?.(r.error)
+      lastError = r.error
+      broken = r.resumable
     }
+    if (broken !== undefined) await this.endAttempt(broken)
     this.error = lastError ?? new NotFoundError(`no source has ${this.digest}`)
     this.state = 'failed'
     this.rejectSize(this.error)
     this.wake()
   }
 
-  /** Copies one source's body into a fresh temp file. Returns the error, or undefined when committed. */
-  private async copy (body: Readable, size: number, src: FillSource, signal: AbortSignal): Promise<unknown> {
+  /**
+   * Copies one source's body into a temp file: a fresh one, or the one `resume` broke off (the body
+   * then carries the bytes from `resume.accepted` on). A transfer that breaks off mid-way leaves its
+   * attempt open for the next source; one that fails verification, or a write, ends it.
+   */
+  private async copy (body: Readable, size: number, src: FillSource, signal: AbortSignal, resume?: Attempt): Promise<CopyResult> {
     const onAbort = (): void => { body.destroy(signal.reason instanceof Error ? signal.reason : new Error('aborted')) }
     signal.addEventListener('abort', onAbort, { once: true })
-    let att: Attempt | undefined
-    let writer: BlobWriter | undefined
+    let att: Attempt | undefined = resume
+    let keep = false
     try {
-      // Readers of a streamed source follow the bytes as they reach the file.
-      writer = await this.store.createWriter(this.digest, { expectedSize: size, onProgress: () => { if (att?.streamable === true) this.wake() } })
-      const fh = await open(writer.tempPath, 'r')
-      att = { writer, fh, streamable: src.streamable, refs: 1, ended: false, ok: false, closed: false }
-      this.current = att
-      // A streamed source's size goes out in response headers now; a peer's only once its bytes verified.
-      if (src.streamable) this.publishSize(size)
-      this.wake()
-      await pump(body, writer, src.onBytes)
-      const verifying = att
-      this.info = await writer.commit(this.meta, () => {
+      if (att === undefined) {
+        // Readers of a streamed source follow the bytes as they reach the file.
+        let created: Attempt | undefined
+        const writer = await this.store.createWriter(this.digest, { expectedSize: size, onProgress: () => { if (created?.streamable === true) this.wake() } })
+        let fh: FileHandle
+        try {
+          fh = await open(writer.tempPath, 'r')
+        } catch (err) {
+          await writer.abort().catch(() => {})
+          throw err
+        }
+        created = { writer, fh, streamable: src.streamable, refs: 1, ended: false, ending: false, ok: false, closed: false, accepted: 0, size }
+        att = created
+        this.current = att
+        // A streamed source's size goes out in response headers now; another only once its bytes verified.
+        if (src.streamable) this.publishSize(size)
+        this.wake()
+      }
+      const a = att
+      let pumped: unknown
+      try {
+        await pump(body, a.writer, n => { a.accepted += n; src.onBytes?.(n) }, src.minRate)
+      } catch (err) {
+        pumped = err
+      }
+      if (pumped !== undefined) {
+        body.destroy()
+        // The source broke off: what was accepted is in the file, and the next source may continue it,
+        // unless the writer itself failed (its error comes back from commit or write) or we are stopping.
+        keep = !signal.aborted && !isWriteError(pumped)
+        return { ok: false, error: pumped instanceof WriteFailedError ? pumped.original : pumped, resumable: keep ? a : undefined }
+      }
+      this.info = await a.writer.commit(this.meta, () => {
         // Verified: readers may send the last bytes from the temp file while the store fsyncs and indexes.
-        verifying.ok = true
+        a.ok = true
         this.publishSize(size)
         this.wake()
       })
-      return undefined
+      return { ok: true }
     } catch (error) {
       body.destroy()
-      await writer?.abort().catch(() => {})
-      return error
+      return { ok: false, error, resumable: undefined }
     } finally {
       signal.removeEventListener('abort', onAbort)
-      if (att !== undefined) {
-        att.ended = true
-        if (this.current === att && !att.ok) this.current = undefined
-        this.release(att)
-      }
+      if (att !== undefined && !keep) await this.endAttempt(att)
       this.wake()
     }
+  }
+
+  /** Ends an attempt: its temp file is discarded unless it committed; readers that took bytes from it fail. */
+  private async endAttempt (att: Attempt): Promise<void> {
+    if (att.ending) return
+    att.ending = true
+    // The temp file goes first: a reader that fails on this attempt's end finds it gone already.
+    if (!att.ok) await att.writer.abort().catch(() => {})
+    att.ended = true
+    if (this.current === att && !att.ok) this.current = undefined
+    this.release(att)
+    this.wake()
+  }
+
+  /** The source being tried right now (undefined before the first and after the end). */
+  activeSource (): FillSource | undefined {
+    return this.state === 'running' ? this.active : undefined
   }
 
   private publishSize (size: number): void {
@@ -299,28 +373,61 @@ export class Fill {
 /**
  * Moves a body into the writer with 'data' events, pausing only while the writer is full: about a
  * thousand chunks per 64 MiB, where an async iterator's per-chunk promises cost measurably more.
+ * With `minRate`, a body that delivers less than that over a window is destroyed (TransferTooSlowError);
+ * time spent waiting on our own writer does not count against the source.
  */
-async function pump (body: Readable, writer: BlobWriter, onBytes?: (n: number) => void): Promise<void> {
+async function pump (body: Readable, writer: BlobWriter, onBytes: (n: number) => void, minRate?: { bytesPerSec: number, windowMs: number }): Promise<void> {
   await new Promise<void>((resolve, reject) => {
     let failed = false
+    let windowBytes = 0
+    let paused = false
+    const timer = minRate === undefined
+      ? undefined
+      : setInterval(() => {
+        const need = minRate.bytesPerSec * minRate.windowMs / 1000
+        if (!paused && windowBytes < need) body.destroy(new TransferTooSlowError(`fewer than ${need} bytes in ${minRate.windowMs} ms`))
+        windowBytes = 0
+      }, minRate.windowMs)
+    timer?.unref()
     const fail = (err: unknown): void => {
       if (failed) return
       failed = true
+      if (timer !== undefined) clearInterval(timer)
       body.off('data', onData)
       reject(err)
     }
     const onData = (chunk: Buffer): void => {
-      onBytes?.(chunk.length)
-      const p = writer.write(chunk)
+      windowBytes += chunk.length
+      onBytes(chunk.length)
+      const p = writer.write(chunk).catch((err: unknown) => { throw new WriteFailedError(err) })
       if (writer.full) {
         body.pause()
-        p.then(() => { if (!failed) body.resume() }, fail)
+        paused = true
+        p.then(() => { paused = false; if (!failed) body.resume() }, fail)
       } else {
         p.catch(fail)
       }
     }
     body.on('data', onData)
     // finished() also reports a body destroyed without an error (a premature close).
-    finished(body, { writable: false }, err => { if (err !== undefined && err !== null) fail(err); else if (!failed) resolve() })
+    finished(body, { writable: false }, err => {
+      if (err !== undefined && err !== null) { fail(err); return }
+      if (timer !== undefined) clearInterval(timer)
+      if (!failed) resolve()
+    })
   })
+}
+
+/** Our own write failed (disk full, I/O error): not the source's fault, and the attempt cannot go on. */
+class WriteFailedError extends Error {
+  override readonly name = 'WriteFailedError'
+  readonly code: string
+  constructor (readonly original: unknown) {
+    super((original as Error)?.message ?? String(original))
+    this.code = (original as { code?: string })?.code ?? 'PM_WRITE_FAILED'
+  }
+}
+
+function isWriteError (err: unknown): boolean {
+  return err instanceof WriteFailedError
 }

@@ -7,9 +7,11 @@ import type { Digest } from '../oci/digest.js'
 import type { Reference, Target } from '../oci/reference.js'
 import type { ByteRange } from '../oci/range.js'
 import type { BlobHandle, ContentOrigin, ManifestResult, PeerContent } from './types.js'
+import type { PeerHolder } from '../mesh/types.js'
+import { parseReference, parseRepoName } from '../oci/reference.js'
 import { digestOf, sha256Of, tryParseDigest } from '../oci/digest.js'
 import { INDEX_MEDIA_TYPES, MAX_MANIFEST_BYTES, SINGLE_MANIFEST_MEDIA_TYPES, accepts, sniffManifestMediaType } from '../oci/media-types.js'
-import { NotFoundError, OciError, UpstreamError, UpstreamProtocolError, UpstreamUnavailableError, VerificationError, blobUnknown, manifestUnknown } from '../errors.js'
+import { NotFoundError, OciError, UpstreamError, UpstreamProtocolError, UpstreamRateLimitedError, UpstreamUnavailableError, VerificationError, blobUnknown, manifestUnknown } from '../errors.js'
 import { Fill, type FillSource } from './fill.js'
 
 export interface ResolverInit {
@@ -21,6 +23,23 @@ export interface ResolverInit {
   outageHoldMs?: number
   /** Upstreams whose credentialed content may still be shared with peers. */
   shareCredentialed?: ReadonlySet<string>
+  /** Upstream name → its mesh-wide id (see upstreamId in delegation.ts). Needed for delegation. */
+  upstreamIds?: ReadonlyMap<string, string>
+  /** Ask the node chosen to fetch a miss for the mesh instead of the upstream (default: true with a mesh). */
+  delegate?: boolean
+  /**
+   * Let the chosen node resolve tags for us while the upstream is up. Only in a keyed mesh: a peer's
+   * word on a tag is trusted only from nodes that hold the mesh key.
+   */
+  delegateTags?: boolean
+  /** With the upstream unreachable, how long a tag that peers can answer waits for it (default 5 s). */
+  outageProbeMs?: number
+}
+
+/** A fetcher asked to fill a digest that it is itself waiting on another node for: the asker should not wait. */
+export class FetcherBusyError extends Error {
+  override readonly name = 'FetcherBusyError'
+  readonly code = 'PM_FETCHER_BUSY'
 }
 
 export interface ResolverComponents {
@@ -41,6 +60,14 @@ export interface Resolver {
    * readers hold the last byte back until it verifies). For the peer data path, which never forwards.
    */
   localBlob (digest: Digest, o?: { forPeer?: boolean }): Promise<BlobHandle | undefined>
+  /**
+   * A peer chose this node to fetch `digest` for the mesh: from the store, a running fill, or the
+   * upstream (never from another peer, so a delegated fetch is one hop). Undefined if this node does
+   * not fetch from that upstream for peers. Throws FetcherBusyError if our own fill is waiting on a peer.
+   */
+  blobForPeer (upstreamId: string, repo: string, digest: Digest, signal?: AbortSignal): Promise<BlobHandle | undefined>
+  /** The same for a manifest by tag or digest; `verifiedAt` is when the upstream last confirmed a tag. */
+  manifestForPeer (upstreamId: string, repo: string, reference: string, signal?: AbortSignal): Promise<(ManifestResult & { verifiedAt?: number }) | undefined>
   start (): void
   /** Aborts running fills and waits for them to clean up. */
   stop (): Promise<void>
@@ -63,6 +90,23 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
   const outageHoldMs = init.outageHoldMs ?? 15_000
   /** Upstreams that failed recently: until when cached tags skip revalidation. */
   const downUntil = new Map<string, number>()
+  const outageProbeMs = init.outageProbeMs ?? revalidateTimeoutMs
+  const delegating = peers !== undefined && init.delegate !== false
+  /** upstream id → name, for upstreams whose content may be shared with peers. */
+  const sharedById = new Map<string, string>()
+  for (const [name, id] of init.upstreamIds ?? []) {
+    const up = upstreams.get(name)
+    if (up !== undefined && !isPrivate(up) && !sharedById.has(id)) sharedById.set(id, name)
+  }
+
+  /** The peer chosen to fetch `key` from this target's upstream, when it is not us and sharing is allowed. */
+  function fetcherOf (target: Target, key: string, up: UpstreamClient): { id: string, fetcher: PeerHolder } | undefined {
+    if (!delegating || isPrivate(up)) return undefined
+    const id = init.upstreamIds?.get(target.upstream)
+    if (id === undefined) return undefined
+    const f = peers!.fetcherFor(id, key)
+    return f === undefined || f === 'self' ? undefined : { id, fetcher: f }
+  }
 
   function upstreamFor (target: Target): UpstreamClient {
     const up = upstreams.get(target.upstream)
@@ -78,11 +122,13 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
 
   // ---------------------------------------------------------------- manifests
 
-  async function manifest (target: Target, ref: Reference, accept: string[], signal?: AbortSignal): Promise<ManifestResult> {
-    const key = `${repoKey(target)}@${ref.kind === 'tag' ? ref.tag : ref.digest}`
+  async function manifest (target: Target, ref: Reference, accept: string[], signal?: AbortSignal, direct = false): Promise<ManifestResult> {
+    // A fetch on a peer's behalf never delegates, and never joins a flight that does (two nodes that
+    // each think the other is the fetcher would otherwise wait on each other).
+    const key = `${repoKey(target)}@${ref.kind === 'tag' ? ref.tag : ref.digest}${direct ? '#direct' : ''}`
     let flight = manifestFlights.get(key)
     if (flight === undefined) {
-      flight = (ref.kind === 'digest' ? manifestByDigest(target, ref.digest) : manifestByTag(target, ref.tag))
+      flight = (ref.kind === 'digest' ? manifestByDigest(target, ref.digest, direct) : manifestByTag(target, ref.tag, direct))
         .finally(() => manifestFlights.delete(key))
       manifestFlights.set(key, flight)
     }
@@ -110,16 +156,28 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
     return { body, mediaType: info.mediaType, digest, source: 'store' }
   }
 
-  async function manifestByDigest (target: Target, digest: Digest): Promise<ManifestResult> {
+  async function manifestByDigest (target: Target, digest: Digest, direct = false): Promise<ManifestResult> {
     const local = await fromStore(digest, repoKey(target))
     if (local !== undefined) {
       metrics.cacheLookups.inc({ kind: 'manifest', result: 'hit' })
       return local
     }
     metrics.cacheLookups.inc({ kind: 'manifest', result: 'miss' })
-    const fromPeer = await manifestFromPeers(target, digest, lifetime.signal)
-    if (fromPeer !== undefined) return fromPeer
     const up = upstreamFor(target)
+    if (!direct) {
+      const fromPeer = await manifestFromPeers(target, digest, lifetime.signal)
+      if (fromPeer !== undefined) return fromPeer
+      // By digest, the bytes prove themselves: any mesh may fetch them for us.
+      const chosen = fetcherOf(target, `manifest:${digest}`, up)
+      if (chosen !== undefined) {
+        const d = await peers!.delegateManifest(chosen.fetcher, chosen.id, target.repo, digest, MAX_MANIFEST_BYTES, lifetime.signal)
+        if (d !== undefined && digestOf(d.body, digest) === digest) {
+          metrics.upstreamAvoided.inc({ kind: 'manifest' })
+          return await keepManifest(target, digest, d.body, d.mediaType, false, 'peer')
+        }
+        if (d !== undefined) metrics.verificationFailures.inc({ source: 'peer' })
+      }
+    }
     const res = await up.getManifest(target.repo, digest, { signal: lifetime.signal })
     if (res === undefined) throw manifestUnknown({ digest })
     const actual = digestOf(res.body, digest)
@@ -149,7 +207,7 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
     return { body, mediaType: type, digest, source }
   }
 
-  async function manifestByTag (target: Target, tag: string): Promise<ManifestResult> {
+  async function manifestByTag (target: Target, tag: string, direct = false): Promise<ManifestResult> {
     const up = upstreamFor(target)
     const rec = await store.getTag(target.upstream, target.repo, tag)
     const cached = rec !== undefined ? await fromStore(rec.digest, repoKey(target)) : undefined
@@ -158,12 +216,22 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
       return cached
     }
     const revalidating = rec !== undefined && cached !== undefined
-    if (revalidating && (downUntil.get(up.name) ?? 0) > now()) {
-      const stale = await staleAnswer(target, tag, rec, cached, 'upstream recently failed')
+    // Peers can answer this tag if the upstream turns out to be down (used only then, and only without a record of ours).
+    const peersKnow = !revalidating && !direct && (peers?.tagRecords(target.upstream, target.repo, tag).length ?? 0) > 0
+    if ((revalidating || peersKnow) && (downUntil.get(up.name) ?? 0) > now()) {
+      const stale = await staleAnswer(target, tag, rec, cached, 'upstream recently failed', true)
       if (stale !== undefined) return stale
     }
-    // With a cached answer in hand, a slow upstream is not waited on for long.
-    const deadline = revalidating ? AbortSignal.timeout(revalidateTimeoutMs) : undefined
+    if (!revalidating && !direct && init.delegateTags === true) {
+      // A cold tag: the node chosen for it asks the upstream once for the whole (keyed) mesh.
+      const chosen = fetcherOf(target, `tag:${target.repo}:${tag}`, up)
+      if (chosen !== undefined) {
+        const viaPeer = await tagFromFetcher(target, tag, chosen)
+        if (viaPeer !== undefined) return viaPeer
+      }
+    }
+    // With a cached answer in hand, or peers that can answer, an unreachable upstream is not waited on for long.
+    const deadline = revalidating ? AbortSignal.timeout(revalidateTimeoutMs) : peersKnow ? AbortSignal.timeout(outageProbeMs) : undefined
     const signal = deadline !== undefined ? AbortSignal.any([lifetime.signal, deadline]) : lifetime.signal
     try {
       if (revalidating) {
@@ -201,23 +269,49 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
     } catch (err) {
       const timedOut = deadline?.aborted === true && !lifetime.signal.aborted
       if (!(err instanceof UpstreamError) && !timedOut) throw err
+      const outage = timedOut || err instanceof UpstreamUnavailableError || err instanceof UpstreamRateLimitedError
       if (err instanceof UpstreamUnavailableError || timedOut) downUntil.set(up.name, now() + outageHoldMs)
-      const reason = timedOut ? `no answer within ${revalidateTimeoutMs} ms` : (err as UpstreamError).code
-      const stale = await staleAnswer(target, tag, rec, cached, reason)
+      const reason = timedOut ? `no answer within ${revalidating ? revalidateTimeoutMs : outageProbeMs} ms` : (err as UpstreamError).code
+      // Our own record answers any upstream failure; peers' records only an outage (a 401, 403 or 404 is an answer).
+      const stale = await staleAnswer(target, tag, rec, cached, reason, outage && !direct)
       if (stale !== undefined) return stale
       throw timedOut ? new UpstreamUnavailableError(up.name, reason) : err
     }
   }
 
-  /** The upstream failed: the freshest verified record, ours or a peer's, answers (stale-if-error). */
-  async function staleAnswer (target: Target, tag: string, rec: TagRecord | undefined, cached: ManifestResult | undefined, reason: string): Promise<ManifestResult | undefined> {
+  /** Asks the node chosen for this tag to resolve it; verifies the manifest it sends against the digest it names. */
+  async function tagFromFetcher (target: Target, tag: string, chosen: { id: string, fetcher: PeerHolder }): Promise<ManifestResult | undefined> {
+    const d = await peers!.delegateManifest(chosen.fetcher, chosen.id, target.repo, tag, MAX_MANIFEST_BYTES, lifetime.signal)
+    if (d === undefined) return undefined
+    const claimed = tryParseDigest(d.digest)
+    if (claimed === undefined || digestOf(d.body, claimed) !== claimed) {
+      metrics.verificationFailures.inc({ source: 'peer' })
+      log.warn({ peer: chosen.fetcher.peerId, tag, repo: target.repo }, 'the node chosen for this tag sent a manifest that does not match its digest; asking the upstream')
+      return undefined
+    }
+    const kept = await keepManifest(target, claimed, d.body, d.mediaType, false, 'peer')
+    const verifiedAt = Math.min(d.verifiedAt ?? now(), now())
+    await store.putTag(target.upstream, target.repo, tag, { digest: claimed, mediaType: kept.mediaType, size: d.body.length, verifiedAt, private: false })
+    metrics.cacheLookups.inc({ kind: 'manifest', result: 'miss' })
+    metrics.upstreamAvoided.inc({ kind: 'tag' })
+    return kept
+  }
+
+  /**
+   * The upstream failed: our own verified record answers (stale-if-error). A peer's record never
+   * overrides ours; only when we have none, and only when the upstream is unreachable (`usePeers`),
+   * does the freshest record a peer announced answer.
+   */
+  async function staleAnswer (target: Target, tag: string, rec: TagRecord | undefined, cached: ManifestResult | undefined, reason: string, usePeers: boolean): Promise<ManifestResult | undefined> {
     const candidates: Array<{ record: TagRecord, local: boolean }> = []
     if (rec !== undefined && cached !== undefined) candidates.push({ record: rec, local: true })
     // Peers' claims are never trusted to be newer than now.
-    for (const r of peers?.tagRecords(target.upstream, target.repo, tag) ?? []) {
-      candidates.push({ record: { ...r, verifiedAt: Math.min(r.verifiedAt, now()) }, local: false })
+    if (candidates.length === 0 && usePeers) {
+      for (const r of peers?.tagRecords(target.upstream, target.repo, tag) ?? []) {
+        candidates.push({ record: { ...r, verifiedAt: Math.min(r.verifiedAt, now()) }, local: false })
+      }
+      candidates.sort((a, b) => b.record.verifiedAt - a.record.verifiedAt)
     }
-    candidates.sort((a, b) => b.record.verifiedAt - a.record.verifiedAt)
     for (const c of candidates) {
       const m = c.local ? cached : await manifestByDigestQuiet(target, c.record.digest)
       if (m === undefined) continue
@@ -259,8 +353,45 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
     const fill = fills.get(digest)
     if (fill === undefined || fill.state !== 'running' || fill.size === undefined) return undefined
     if (o?.forPeer === true && fill.isPrivate) return undefined
-    const f = fill
-    return { digest, size: fill.size, source: 'fill', open: async (range?: ByteRange) => f.createReader(range) }
+    return fillHandle(fill, fill.size)
+  }
+
+  function fillHandle (f: Fill, size: number): BlobHandle {
+    const origin = (): ContentOrigin => {
+      const k = (f.source ?? f.activeSource())?.kind
+      return k === undefined ? 'fill' : k === 'upstream' ? 'upstream' : 'peer'
+    }
+    return { digest: f.digest, size, source: 'fill', origin, open: async (range?: ByteRange) => f.createReader(range) }
+  }
+
+  async function blobForPeer (upstreamId: string, repo: string, digest: Digest, signal?: AbortSignal): Promise<BlobHandle | undefined> {
+    const name = sharedById.get(upstreamId)
+    if (name === undefined) return undefined
+    const local = await localBlob(digest, { forPeer: true })
+    if (local !== undefined) { metrics.servedForPeers.inc({ kind: 'blob' }); return local }
+    let fill = fills.get(digest)
+    if (fill !== undefined) {
+      if (fill.isPrivate) return undefined
+      // Our own fill is waiting on another node (membership views differ): the asker should not wait on us.
+      if (fill.activeSource()?.kind === 'delegate') throw new FetcherBusyError(`${digest} is being fetched through another node`)
+    } else {
+      fill = startFill({ upstream: name, repo: parseRepoName(repo) }, digest, true)
+    }
+    metrics.servedForPeers.inc({ kind: 'blob' })
+    const size = await raceSignal(fill.whenSized(), signal).catch((err: unknown) => { throw signal?.aborted === true ? err : mapFillError(err, digest) })
+    return fillHandle(fill, size)
+  }
+
+  async function manifestForPeer (upstreamId: string, repo: string, reference: string, signal?: AbortSignal): Promise<(ManifestResult & { verifiedAt?: number }) | undefined> {
+    const name = sharedById.get(upstreamId)
+    if (name === undefined) return undefined
+    const target: Target = { upstream: name, repo: parseRepoName(repo) }
+    const ref = parseReference(reference)
+    metrics.servedForPeers.inc({ kind: 'manifest' })
+    const m = await manifest(target, ref, ['*/*'], signal, true)
+    if (ref.kind === 'digest') return m
+    const rec = await store.getTag(target.upstream, target.repo, ref.tag)
+    return rec !== undefined && rec.digest === m.digest ? { ...m, verifiedAt: rec.verifiedAt } : m
   }
 
   async function blob (target: Target, digest: Digest, signal?: AbortSignal): Promise<BlobHandle> {
@@ -280,11 +411,15 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
       if (signal?.aborted === true) throw err
       throw mapFillError(err, digest)
     }
-    const f = fill
-    return { digest, size, source: 'fill', open: async (range?: ByteRange) => f.createReader(range) }
+    return fillHandle(fill, size)
   }
 
-  function startFill (target: Target, digest: Digest): Fill {
+  /**
+   * Starts the one fill of `digest`. Sources, in order: peers that hold it, peers filling it now, the
+   * node chosen to fetch it for the mesh (unless that is us), then the upstream. A fill for a peer
+   * (`direct`) uses the upstream alone: a delegated fetch is never passed on.
+   */
+  function startFill (target: Target, digest: Digest, direct = false): Fill {
     const up = upstreamFor(target)
     const priv = isPrivate(up)
     const fill = new Fill(digest, store, { mediaType: 'application/octet-stream', repo: repoKey(target), private: priv })
@@ -294,15 +429,36 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
       label: `upstream:${up.name}`,
       kind: 'upstream',
       streamable: true,
-      open: async (sig) => await up.getBlob(target.repo, digest, { signal: sig }),
+      resumable: true,
+      open: async (sig, from) => {
+        const r = await up.getBlob(target.repo, digest, { signal: sig, ...(from !== undefined && from.start > 0 ? { range: { start: from.start, end: from.size - 1 } } : {}) })
+        return r === undefined ? undefined : { body: r.body, size: r.size, start: r.partial && from !== undefined ? from.start : 0 }
+      },
     }
-    const sources = [...(peers?.blobSources(digest) ?? []), upstreamSource]
+    const sources: FillSource[] = []
+    if (!direct) {
+      sources.push(...(peers?.blobSources(digest) ?? []))
+      const chosen = fetcherOf(target, `blob:${digest}`, up)
+      if (chosen !== undefined) sources.push(peers!.delegateBlob(chosen.fetcher, chosen.id, target.repo, digest))
+    }
+    // The upstream once more, to continue a transfer that broke off mid-way (a flaky link, a dead peer)
+    // with a range request for the rest, instead of failing every client that already has bytes.
+    sources.push(upstreamSource, { ...upstreamSource, label: `upstream:${up.name}:resume`, open: async (sig, from) => from === undefined ? undefined : await upstreamSource.open(sig, from) })
     const started = now()
+    // Once its size is known, a shareable fill can be streamed by peers: tell them, so that a node that
+    // misses it a moment later streams from us instead of fetching it again.
+    if (!priv && peers !== undefined) {
+      fill.whenSized().then(size => { if (fill.state === 'running') peers.announceFilling(digest, size) }, () => {})
+    }
     void fill.run(sources, lifetime.signal).then(() => {
       fills.delete(digest)
       metrics.fillsActive.dec()
+      if (!priv) peers?.fillingEnded(digest, fill.state === 'done')
       if (fill.state === 'done') {
-        if (fill.source?.kind === 'peer') metrics.meshHits.inc({ kind: 'blob' })
+        if (fill.source?.kind === 'peer' || fill.source?.kind === 'delegate') {
+          metrics.meshHits.inc({ kind: 'blob' })
+          metrics.upstreamAvoided.inc({ kind: 'blob' })
+        }
         log.info({ digest, repo: repoKey(target), bytes: fill.size, ms: now() - started, source: fill.source?.label }, 'blob cached')
       } else {
         if (fill.error instanceof VerificationError) metrics.verificationFailures.inc({ source: 'upstream' })
@@ -318,9 +474,11 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
   }
 
   return {
-    manifest,
+    manifest: async (target, ref, accept, signal) => await manifest(target, ref, accept, signal),
     blob,
     localBlob,
+    blobForPeer,
+    manifestForPeer,
     start () {
       if (lifetime.signal.aborted) lifetime = new AbortController()
     },

@@ -8,6 +8,8 @@ import { AUTH_HEADER, PEER_BLOB_PATH, verifyRequest } from '../peer-protocol.js'
 import { OciError, blobUnknown } from '../errors.js'
 import { toOciError } from './server.js'
 import { sendBody } from './send-body.js'
+import { pipeline } from 'node:stream/promises'
+import { DELEGATED_CONTENT_TYPE, HEARTBEAT_MS, PEER_FETCH_PATH, encodePreamble } from '../content/delegation.js'
 
 export interface PeerServerComponents { resolver: Resolver, metrics: Metrics, logger: Logger }
 
@@ -45,6 +47,65 @@ export function createPeerServer (c: PeerServerComponents, init: { key?: Buffer 
       throw new OciError('UNAUTHORIZED', 401, 'this mesh requires its key')
     }
   })
+  // Delegated fetches: a peer chose this node to fetch content for the mesh. The answer starts at once
+  // (so the asker can tell a busy fetcher from a dead one), carries a space every HEARTBEAT_MS while we
+  // wait on the upstream, then one JSON line (size, or error), then the bytes. Never forwarded further.
+  app.get(`${PEER_FETCH_PATH}:kind/:ref`, async (req, reply) => {
+    const { kind, ref } = req.params as { kind: string, ref: string }
+    const q = req.query as Record<string, string | undefined>
+    const upstream = q.u ?? ''
+    const repo = q.r ?? ''
+    if (kind !== 'blob' && kind !== 'manifest') throw new OciError('UNSUPPORTED', 404, 'no such endpoint')
+    const digest = kind === 'blob' ? tryParseDigest(ref) : undefined
+    if (kind === 'blob' && digest === undefined) throw new OciError('DIGEST_INVALID', 400, 'invalid digest', { digest: ref.slice(0, 200) })
+    const start = parseOpenRange(req.headers.range)
+    if (start === null) throw new OciError('UNSUPPORTED', 416, 'only "bytes=N-" ranges are supported here')
+    reply.hijack()
+    const res = reply.raw
+    const ac = new AbortController()
+    res.once('close', () => { if (!res.writableFinished) ac.abort(new Error('peer went away')) })
+    res.writeHead(200, { 'content-type': DELEGATED_CONTENT_TYPE, 'cache-control': 'no-store' })
+    res.flushHeaders()
+    let preambleSent = false
+    const beat = setInterval(() => { if (!res.destroyed) res.write(' ') }, HEARTBEAT_MS)
+    const fail = (err: unknown): void => {
+      clearInterval(beat)
+      const e = toOciError(err)
+      const code = (err as { code?: string }).code ?? e.code
+      if (e.status >= 500 && code !== 'PM_FETCHER_BUSY') log.warn({ err: code, ref, kind }, 'delegated fetch failed')
+      if (!res.destroyed) res.end(encodePreamble({ error: { code: String(code).slice(0, 64), status: e.status } }))
+    }
+    try {
+      if (kind === 'manifest') {
+        const m = await c.resolver.manifestForPeer(upstream, repo, ref, ac.signal)
+        clearInterval(beat)
+        if (m === undefined) { fail(blobUnknown({ ref })); return }
+        res.write(encodePreamble({ size: m.body.length, mediaType: m.mediaType, digest: m.digest, ...(m.verifiedAt !== undefined ? { verifiedAt: m.verifiedAt } : {}) }))
+        res.end(m.body)
+        c.metrics.peerBytes.inc({ direction: 'out' }, m.body.length)
+        return
+      }
+      const blob = await c.resolver.blobForPeer(upstream, repo, digest!, ac.signal)
+      clearInterval(beat)
+      if (blob === undefined) { fail(blobUnknown({ digest })); return }
+      const from = Math.min(start ?? 0, blob.size)
+      const stream = await blob.open(from < blob.size ? { start: from, end: blob.size - 1 } : undefined)
+      if (from >= blob.size && from > 0) { stream.destroy(); fail(new OciError('UNSUPPORTED', 416, 'range starts past the end')); return }
+      res.write(encodePreamble({ size: blob.size, start: from }))
+      preambleSent = true
+      let sent = 0
+      stream.on('data', (chunk: Buffer) => { sent += chunk.length })
+      await pipeline(stream, res, { signal: ac.signal })
+      c.metrics.peerBytes.inc({ direction: 'out' }, sent)
+    } catch (err) {
+      clearInterval(beat)
+      // Before the preamble, the error goes in it; after it, only an aborted stream can say so.
+      if (res.destroyed || res.writableEnded) return
+      if (preambleSent) { res.destroy(); return }
+      fail(err)
+    }
+  })
+
   app.route({
     method: ['GET', 'HEAD'],
     url: `${PEER_BLOB_PATH}:digest`,
@@ -65,4 +126,11 @@ export function createPeerServer (c: PeerServerComponents, init: { key?: Buffer 
     },
   })
   return app
+}
+
+/** `bytes=N-` → N; no header → undefined; anything else → null. */
+function parseOpenRange (h: string | undefined): number | undefined | null {
+  if (h === undefined) return undefined
+  const m = /^bytes=(\d{1,15})-$/.exec(h.trim())
+  return m === null ? null : Number(m[1])
 }

@@ -68,7 +68,7 @@ export function registerRegistryRoutes (app: FastifyInstance, c: RegistryRoutesC
       const length = range === undefined ? blob.size : range.end - range.start + 1
       if (range !== undefined) void reply.code(206).header('content-range', contentRange(range, blob.size))
       void reply.header('content-length', length)
-      reply.raw.once('finish', () => metrics.bytesServed.inc({ source: sourceLabel(blob.source) }, length))
+      reply.raw.once('finish', () => metrics.bytesServed.inc({ source: sourceLabel(blob.origin?.() ?? blob.source) }, length))
       return await sendBody(reply, stream)
     },
   })

@@ -198,14 +198,14 @@ export function encodeRemoves (digests: Digest[]): Uint8Array[] {
 
 export const encodeRemoveAll = (): Uint8Array => enc({ v: WIRE_VERSION, t: 'remove', all: true })
 export const encodeTag = (e: TagEntry): Uint8Array => enc({ v: WIRE_VERSION, t: 'tag', upstream: e.upstream, repo: e.repo, tag: e.tag, record: e.record })
-export const encodeHello = (dataPort: number, upstreams: string[] = []): Uint8Array => enc({ v: WIRE_VERSION, t: 'hello', dataPort, u: upstreams })
+export const encodeHello = (dataPort: number, upstreams: string[] = []): Uint8Array => enc({ v: WIRE_VERSION, t: 'hello', dataPort, ...(upstreams.length > 0 ? { u: upstreams } : {}) })
 export const encodeFilling = (digest: Digest, size: number, ttlMs: number): Uint8Array => enc({ v: WIRE_VERSION, t: 'filling', digest, size, ttl: ttlMs })
 export const encodeUnfilling = (digest: Digest): Uint8Array => enc({ v: WIRE_VERSION, t: 'unfilling', digest })
 
 /** Inventory frames are JSON lines; JSON.stringify never emits a raw newline. */
 const line = (o: unknown): Uint8Array => Buffer.from(JSON.stringify(o) + '\n', 'utf8')
 export const frameReq = (last?: { epoch: string, gen: number }): Uint8Array => line({ v: WIRE_VERSION, t: 'req', ...last })
-export const frameInv = (dataPort: number, epoch: string, gen: number, upstreams: string[] = []): Uint8Array => line({ v: WIRE_VERSION, t: 'inv', dataPort, epoch, gen, u: upstreams })
+export const frameInv = (dataPort: number, epoch: string, gen: number, upstreams: string[] = []): Uint8Array => line({ v: WIRE_VERSION, t: 'inv', dataPort, epoch, gen, ...(upstreams.length > 0 ? { u: upstreams } : {}) })
 export const frameBlobs = (blobs: BlobEntry[]): Uint8Array => line({ v: WIRE_VERSION, t: 'blobs', ...table(blobs) })
 export const frameTags = (tags: TagEntry[]): Uint8Array => line({ v: WIRE_VERSION, t: 'tags', tags })
 export const frameEnd = (blobs: number, tags: number, same = false): Uint8Array => line({ v: WIRE_VERSION, t: 'end', blobs, tags, same })

@@ -316,11 +316,12 @@ export class PeerIndex {
     return rows.map(({ peerId, dataUrl, size }) => ({ peerId, dataUrl, size }))
   }
 
-  /** Connected peers we can reach on the data path, with the upstreams they fetch for the mesh. */
+  /** Connected peers we can reach on the data path (and do not quarantine), with the upstreams they fetch for the mesh. */
   members (now: number): Array<PeerHolder & { upstreams: string[], score: number }> {
     const out: Array<PeerHolder & { upstreams: string[], score: number }> = []
     for (const p of this.peers.values()) {
       if (!p.connected || p.host === undefined || p.dataPort === undefined) continue
+      if (this.scoreOf(p, now) < QUARANTINE_SCORE) continue
       out.push({ peerId: p.peerId, dataUrl: formatDataUrl(p.host, p.dataPort), upstreams: p.upstreams, score: this.scoreOf(p, now) })
     }
     return out

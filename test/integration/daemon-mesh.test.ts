@@ -67,6 +67,18 @@ const holds = (n: Daemon, d: string): boolean => n.mesh()!.holders(parseDigest(d
 const blobGets = (): number => up.requests.filter(r => r.method === 'GET' && r.path.includes('/blobs/')).length
 const get = async (n: Daemon, path: string): Promise<{ status: number, body: Buffer, headers: Record<string, unknown> }> =>
   await simpleRequest(n.url() + path, { timeoutMs: 30_000 })
+/** A GET that reports an aborted body instead of throwing. */
+async function fetchBody (n: Daemon, path: string): Promise<{ status: number, body: Buffer, aborted: boolean }> {
+  const { request } = await import('undici')
+  const res = await request(n.url() + path)
+  const chunks: Buffer[] = []
+  try {
+    for await (const c of res.body) chunks.push(c as Buffer)
+    return { status: res.statusCode, body: Buffer.concat(chunks), aborted: false }
+  } catch {
+    return { status: res.statusCode, body: Buffer.concat(chunks), aborted: true }
+  }
+}
 const metric = async (n: Daemon, name: string): Promise<number> => {
   const text = (await simpleRequest(`${n.url()}/metrics`)).body.toString()
   return text.split('\n').filter(l => l.startsWith(name)).reduce((sum, l) => sum + Number(l.split(' ').pop()), 0)
@@ -206,6 +218,13 @@ describe('peers before the upstream', () => {
     const b = await node({ bootstrapFrom: [a] })
     await until('B to learn A holds the blob', () => holds(b, d))
     up.requests.length = 0
+    // B streams from A as the bytes arrive; they fail verification, so the response that carried them
+    // is aborted (never completed), and the fill moves on to the upstream for everyone else.
+    const first = await fetchBody(b, `/v2/${UP}/library/app/blobs/${d}`)
+    // Whatever the first response got, it never completes with a wrong byte (a reader that had sent
+    // nothing yet when the peer failed carries on with the upstream's bytes).
+    if (!first.aborted) expect(sha(first.body)).toBe(d)
+    // The client's retry gets the right bytes.
     const r = await get(b, `/v2/${UP}/library/app/blobs/${d}`)
     expect(r.status).toBe(200)
     expect(sha(r.body)).toBe(d)
