@@ -15,6 +15,8 @@ export interface FillSource {
   readonly label: string
   /** Where the bytes come from: the metrics label for them. `delegate` is a peer fetching on our behalf. */
   readonly kind: 'peer' | 'delegate' | 'upstream'
+  /** The peer behind this source: once it has failed this fill, its other sources are skipped. */
+  readonly peer?: string
   /** Readers may stream this source's bytes before verification (the last byte always waits for it). */
   readonly streamable: boolean
   /** The source can continue an attempt another source broke off: `open` honours `from.start`. */
@@ -119,8 +121,10 @@ export class Fill {
     let lastError: unknown
     /** An attempt whose source broke off mid-transfer: the next resumable source continues it. */
     let broken: Attempt | undefined
+    const failedPeers = new Set<string>()
     for (const src of sources) {
       if (signal.aborted) { lastError = signal.reason; break }
+      if (src.peer !== undefined && failedPeers.has(src.peer)) continue
       this.active = src
       const resumeAt = broken !== undefined && src.resumable === true ? broken.accepted : 0
       if (broken !== undefined && resumeAt === 0) { await this.endAttempt(broken); broken = undefined }
@@ -129,6 +133,7 @@ export class Fill {
         opened = await src.open(signal, broken !== undefined ? { start: resumeAt, size: broken.size } : undefined)
       } catch (err) {
         src.onFailure?.(err)
+        if (src.peer !== undefined) failedPeers.add(src.peer)
         lastError = err
         continue
       }
@@ -156,6 +161,7 @@ export class Fill {
         return
       }
       src.onFailure?.(r.error)
+      if (src.peer !== undefined) failedPeers.add(src.peer)
       lastError = r.error
       broken = r.resumable
     }

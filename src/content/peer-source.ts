@@ -155,6 +155,7 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
     return {
       label: `peer:${peer.peerId}`,
       kind: 'peer',
+      peer: peer.peerId,
       streamable: true,
       resumable: true,
       ...(minRate !== undefined ? { minRate } : {}),
@@ -180,6 +181,7 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
       return {
         label: `delegate:${fetcher.peerId}`,
         kind: 'delegate',
+        peer: fetcher.peerId,
         streamable: true,
         resumable: true,
         ...(minRate !== undefined ? { minRate } : {}),

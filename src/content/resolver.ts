@@ -85,6 +85,14 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
   const now = components.now ?? Date.now
   const fills = new Map<Digest, Fill>()
   const manifestFlights = new Map<string, Promise<ManifestResult>>()
+  /** Flights (by key) that are waiting on another node right now. */
+  const delegatingFlights = new Set<string>()
+
+  /** Runs `fn` with the flight marked as waiting on another node. */
+  async function delegatingAs<T> (flightKey: string, fn: () => Promise<T>): Promise<T> {
+    delegatingFlights.add(flightKey)
+    try { return await fn() } finally { delegatingFlights.delete(flightKey) }
+  }
   let lifetime = new AbortController()
   const revalidateTimeoutMs = init.revalidateTimeoutMs ?? 5_000
   const outageHoldMs = init.outageHoldMs ?? 15_000
@@ -123,12 +131,14 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
   // ---------------------------------------------------------------- manifests
 
   async function manifest (target: Target, ref: Reference, accept: string[], signal?: AbortSignal, direct = false): Promise<ManifestResult> {
-    // A fetch on a peer's behalf never delegates, and never joins a flight that does (two nodes that
-    // each think the other is the fetcher would otherwise wait on each other).
-    const key = `${repoKey(target)}@${ref.kind === 'tag' ? ref.tag : ref.digest}${direct ? '#direct' : ''}`
+    // One flight per manifest, which a fetch on a peer's behalf (`direct`) joins too, unless that flight
+    // is itself waiting on another node: two nodes that each think the other is the fetcher would then
+    // wait on each other, so the peer's fetch goes to the upstream in a flight of its own.
+    const base = `${repoKey(target)}@${ref.kind === 'tag' ? ref.tag : ref.digest}`
+    const key = direct && delegatingFlights.has(base) ? `${base}#direct` : base
     let flight = manifestFlights.get(key)
     if (flight === undefined) {
-      flight = (ref.kind === 'digest' ? manifestByDigest(target, ref.digest, direct) : manifestByTag(target, ref.tag, direct))
+      flight = (ref.kind === 'digest' ? manifestByDigest(target, ref.digest, direct, key) : manifestByTag(target, ref.tag, direct, key))
         .finally(() => manifestFlights.delete(key))
       manifestFlights.set(key, flight)
     }
@@ -156,7 +166,7 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
     return { body, mediaType: info.mediaType, digest, source: 'store' }
   }
 
-  async function manifestByDigest (target: Target, digest: Digest, direct = false): Promise<ManifestResult> {
+  async function manifestByDigest (target: Target, digest: Digest, direct = false, flightKey = ''): Promise<ManifestResult> {
     const local = await fromStore(digest, repoKey(target))
     if (local !== undefined) {
       metrics.cacheLookups.inc({ kind: 'manifest', result: 'hit' })
@@ -170,7 +180,7 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
       // By digest, the bytes prove themselves: any mesh may fetch them for us.
       const chosen = fetcherOf(target, `manifest:${digest}`, up)
       if (chosen !== undefined) {
-        const d = await peers!.delegateManifest(chosen.fetcher, chosen.id, target.repo, digest, MAX_MANIFEST_BYTES, lifetime.signal)
+        const d = await delegatingAs(flightKey, async () => await peers!.delegateManifest(chosen.fetcher, chosen.id, target.repo, digest, MAX_MANIFEST_BYTES, lifetime.signal))
         if (d !== undefined && digestOf(d.body, digest) === digest) {
           metrics.upstreamAvoided.inc({ kind: 'manifest' })
           return await keepManifest(target, digest, d.body, d.mediaType, false, 'peer')
@@ -207,7 +217,7 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
     return { body, mediaType: type, digest, source }
   }
 
-  async function manifestByTag (target: Target, tag: string, direct = false): Promise<ManifestResult> {
+  async function manifestByTag (target: Target, tag: string, direct = false, flightKey = ''): Promise<ManifestResult> {
     const up = upstreamFor(target)
     const rec = await store.getTag(target.upstream, target.repo, tag)
     const cached = rec !== undefined ? await fromStore(rec.digest, repoKey(target)) : undefined
@@ -226,7 +236,7 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
       // A cold tag: the node chosen for it asks the upstream once for the whole (keyed) mesh.
       const chosen = fetcherOf(target, `tag:${target.repo}:${tag}`, up)
       if (chosen !== undefined) {
-        const viaPeer = await tagFromFetcher(target, tag, chosen)
+        const viaPeer = await delegatingAs(flightKey, async () => await tagFromFetcher(target, tag, chosen))
         if (viaPeer !== undefined) return viaPeer
       }
     }

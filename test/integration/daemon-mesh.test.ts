@@ -374,3 +374,168 @@ describe('private mesh and private content', () => {
     expect(up.requests.length).toBe(0)
   })
 })
+
+// ---- one upstream fetch per mesh ------------------------------------------------------------
+
+/** N nodes, each bootstrapped from every earlier one, so that every pair is connected. */
+async function fullMesh (n: number, settings: RawSettings = {}): Promise<Daemon[]> {
+  const out: Daemon[] = []
+  for (let i = 0; i < n; i++) out.push(await node({ ...settings, bootstrapFrom: [...out] }))
+  // Everyone knows everyone as a member that fetches from the shared upstream.
+  await until('every node to see every other as a mesh member', () => out.every(x => x.mesh()!.members().filter(m => m.upstreams.length > 0).length === n - 1), 20_000)
+  return out
+}
+
+const getsOf = (pathPart: string, method = 'GET'): number => up.requests.filter(r => r.method === method && r.path.includes(pathPart)).length
+
+async function meshKeyFile (): Promise<string> {
+  const { writeFile } = await import('node:fs/promises')
+  const f = join(await tempDir(), 'mesh.key')
+  await writeFile(f, generateMeshKey())
+  return f
+}
+
+describe('one upstream fetch per mesh', () => {
+  it('4 nodes pulling the same cold image at once fetch each blob and the tag once (keyed mesh)', async () => {
+    const key = await meshKeyFile()
+    const ns = await fullMesh(4, { meshKey: key, tagTtl: '5m' })
+    const img = seedImage('library/herd', 'v1', 4, 2 * 1024 * 1024)
+    up.requests.length = 0
+    await Promise.all(ns.map(async n => await pullAll(n, 'library/herd', 'v1', img.blobs)))
+    for (const b of img.blobs) expect(getsOf(`/blobs/${b.digest}`), `upstream GETs of ${b.digest}`).toBe(1)
+    expect(getsOf('/manifests/v1'), 'upstream GETs of the tag').toBe(1)
+    let delegated = 0
+    let forPeers = 0
+    for (const n of ns) {
+      delegated += await metric(n, 'pullmesh_mesh_delegated_fetches_total')
+      forPeers += await metric(n, 'pullmesh_mesh_fetches_for_peers_total')
+    }
+    expect(delegated).toBeGreaterThan(0)
+    expect(forPeers).toBeGreaterThan(0)
+    // Bytes that came over the mesh are counted as such.
+    let peerBytes = 0
+    for (const n of ns) peerBytes += await metric(n, 'pullmesh_bytes_served_total{source="peer"}')
+    expect(peerBytes).toBeGreaterThan(0)
+  })
+
+  it('staggered starts (300 ms and 1 s apart) still fetch each blob once; an open mesh resolves tags per node', async () => {
+    for (const gap of [300, 1000]) {
+      const ns = await fullMesh(3)
+      const img = seedImage(`library/stagger${gap}`, 'v1', 3, 4 * 1024 * 1024)
+      // A slow upstream keeps the fills running while the later nodes arrive.
+      up.setFault({ kind: 'slow', chunkBytes: 256 * 1024, delayMs: 60 }, { path: /\/blobs\// })
+      up.requests.length = 0
+      await Promise.all(ns.map(async (n, i) => {
+        await new Promise(resolve => setTimeout(resolve, i * gap))
+        await pullAll(n, `library/stagger${gap}`, 'v1', img.blobs)
+      }))
+      up.setFault(undefined)
+      for (const b of img.blobs) expect(getsOf(`/blobs/${b.digest}`), `gap ${gap}: upstream GETs of ${b.digest}`).toBe(1)
+      // Without a mesh key no peer may tell a node what a tag means while the upstream is up.
+      expect(getsOf(`/library/stagger${gap}/manifests/v1`)).toBe(3)
+      await Promise.allSettled(nodes.splice(0).reverse().map(async n => await n.stop()))
+    }
+  })
+
+  it('a fetcher killed mid-fill: every pull completes with verified bytes', async () => {
+    const aDir = await tempDir()
+    const a = await spawnDaemon({ dataDir: aDir, upstreams: { [UP]: up.url }, mesh: true, logLevel: 'info' })
+    procs.push(a)
+    const started = a.logs().map(l => { try { return JSON.parse(l) as { msg?: string, p2p?: string[], peer?: string } } catch { return {} } }).find(l => l.msg === 'mesh started' && Array.isArray(l.p2p))
+    const aId = started!.p2p![0]!.split('/p2p/')[1]!
+    const b = await node({ bootstrap: [started!.p2p![0]!] })
+    await until('B to see A as a member', () => b.mesh()!.members().some(m => m.peerId === aId && m.upstreams.length > 0))
+    // A blob that A is chosen to fetch (rendezvous over A and B).
+    const { rendezvous, upstreamId } = await import('../../src/content/delegation.js')
+    const uid = upstreamId(up.url)
+    let data: Buffer
+    let d: string
+    do {
+      data = randomBytes(24 * 1024 * 1024)
+      d = sha(data)
+    } while (rendezvous(`${uid}\nblob:${d}`, [aId, b.mesh()!.peerId()]) !== aId)
+    up.addBlob('library/kill', data)
+    up.setFault({ kind: 'slow', chunkBytes: 512 * 1024, delayMs: 40 }, { path: /\/blobs\//, times: 1 })
+    up.requests.length = 0
+    const pending = fetchBody(b, `/v2/${UP}/library/kill/blobs/${d}`)
+    // Kill A once B has started receiving its bytes.
+    await until('B to stream from A', async () => await metric(b, 'pullmesh_mesh_peer_bytes_total{direction="in"}') > 1024 * 1024, 20_000)
+    process.kill(a.pid, 'SIGKILL')
+    const r = await pending
+    expect(r.aborted).toBe(false)
+    expect(sha(r.body)).toBe(d)
+    // B continued where A stopped: the upstream's second request was a range for the rest.
+    const gets = up.requests.filter(x => x.method === 'GET' && x.path.includes(`/blobs/${d}`))
+    expect(gets.length).toBe(2)
+    expect(String(gets[1]!.headers.range ?? '')).toMatch(/^bytes=\d+-\d+$/)
+    await cached(b, d)
+  })
+
+  it('a trickling peer loses the fill within the rate window; the pull completes from the upstream', async () => {
+    const { createServer } = await import('node:http')
+    const { createFsStore } = await import('../../src/store/fs-store.js')
+    const { createMesh } = await import('../../src/mesh/index.js')
+    const { createMetrics } = await import('../../src/metrics.js')
+    const data = randomBytes(1024 * 1024)
+    const d = up.addBlob('library/trickle', data)
+    // The hostile peer: a real mesh node whose store really holds the blob (so it announces it), but
+    // whose data path is this server, which sends one byte every 100 ms.
+    const timers = new Set<NodeJS.Timeout>()
+    const trickle = createServer((req, res) => {
+      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': String(data.length) })
+      let i = 0
+      const t = setInterval(() => { if (i < data.length) res.write(data.subarray(i, ++i)) }, 100)
+      timers.add(t)
+      res.once('close', () => { clearInterval(t); timers.delete(t) })
+    })
+    await new Promise<void>(resolve => trickle.listen(0, '127.0.0.1', resolve))
+    const logger = createLogger('silent')
+    const metrics = createMetrics()
+    const store = createFsStore({ logger, metrics }, { dataDir: await tempDir() })
+    await store.start()
+    await store.putBuffer(parseDigest(d), data, { mediaType: 'application/octet-stream' })
+    const hostile = createMesh({ logger, metrics, store }, { dataDir: await tempDir(), listen: ['/ip4/127.0.0.1/tcp/0'], bootstrap: [], mdns: false, dataPort: (trickle.address() as { port: number }).port })
+    await hostile.start()
+    try {
+      const b = await node({ bootstrap: [hostile.multiaddrs()[0]!], peerMinRate: '256KiB', peerRateWindow: '1s' })
+      await until('B to learn the hostile peer holds the blob', () => holds(b, d))
+      up.requests.length = 0
+      const t0 = Date.now()
+      const r = await fetchBody(b, `/v2/${UP}/library/trickle/blobs/${d}`)
+      const ms = Date.now() - t0
+      console.log(`trickling peer: the pull completed after ${ms} ms (rate window 1 s)`)
+      expect(sha(r.body)).toBe(d)
+      expect(ms).toBeLessThan(10_000)
+      expect(await metric(b, 'pullmesh_mesh_peer_errors_total{reason="too-slow"}')).toBe(1)
+      expect(b.mesh()!.status().peers.find(p => p.peerId === hostile.peerId())?.score ?? 0).toBeLessThan(0)
+    } finally {
+      await hostile.stop()
+      await store.stop()
+      for (const t of timers) clearInterval(t)
+      trickle.closeAllConnections()
+      await new Promise(resolve => trickle.close(resolve))
+    }
+  })
+
+  it('content pulled with credentials is never delegated', async () => {
+    const authed = await startFaultUpstream({ auth: { username: 'u', password: 'p' } })
+    try {
+      const { writeFile } = await import('node:fs/promises')
+      const creds = join(await tempDir(), 'creds.json')
+      await writeFile(creds, JSON.stringify({ 'private.test': { username: 'u', password: 'p' } }))
+      const settings = { upstream: [`${UP}=${up.url}`, `private.test=${authed.url}`], credentialsFile: creds }
+      const ns = await fullMesh(3, settings)
+      const secrets = Array.from({ length: 6 }, () => authed.addBlob('team/secret', randomBytes(50_000)))
+      await Promise.all(ns.map(async n => { for (const s of secrets) expect((await get(n, `/v2/private.test/team/secret/blobs/${s}`)).status).toBe(200) }))
+      // Each node fetched each secret itself; none asked another, and none served one for a peer.
+      // (Counting the GETs that carried a token: a node's first request is answered with the challenge.)
+      for (const s of secrets) expect(authed.requests.filter(r => r.method === 'GET' && r.path.includes(`/blobs/${s}`) && r.headers.authorization !== undefined).length).toBe(3)
+      for (const n of ns) {
+        expect(await metric(n, 'pullmesh_mesh_delegated_fetches_total')).toBe(0)
+        expect(await metric(n, 'pullmesh_mesh_fetches_for_peers_total')).toBe(0)
+      }
+    } finally {
+      await authed.close()
+    }
+  })
+})
