@@ -7,7 +7,7 @@ import type { Digest } from '../oci/digest.js'
 import type { TagRecord } from '../store/types.js'
 import type { PeerContent } from './types.js'
 import type { FillSource } from './fill.js'
-import { AUTH_HEADER, PEER_BLOB_PATH, signRequest } from '../peer-protocol.js'
+import { AUTH_ERROR_HEADER, AUTH_HEADER, PEER_BLOB_PATH, signRequest } from '../peer-protocol.js'
 import { digestOf } from '../oci/digest.js'
 import { VerificationError } from '../errors.js'
 
@@ -54,7 +54,7 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
   async function get (peer: PeerHolder, digest: Digest, signal?: AbortSignal): Promise<{ body: Readable, size: number } | undefined> {
     const path = PEER_BLOB_PATH + digest
     const headers: Record<string, string> = {}
-    if (init.key !== undefined) headers[AUTH_HEADER] = signRequest(init.key, 'GET', path)
+    if (init.key !== undefined) headers[AUTH_HEADER] = signRequest(init.key, { target: peer.peerId, method: 'GET', url: path })
     // undici's own timers tick about once a second; the peer deadline is enforced here, to the ms.
     const deadline = new AbortController()
     const timer = setTimeout(() => deadline.abort(new PeerTimeoutError(`peer ${peer.peerId} did not answer within ${init.timeoutMs} ms`)), init.timeoutMs)
@@ -76,6 +76,13 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
     const size = Number(res.headers['content-length'])
     if (res.statusCode !== 200 || !Number.isSafeInteger(size) || size < 0) {
       await res.body.dump().catch(() => {})
+      if (res.statusCode === 401) {
+        const reason = String(res.headers[AUTH_ERROR_HEADER] ?? 'unknown').slice(0, 20)
+        log.warn({ peer: peer.peerId, dataUrl: peer.dataUrl, reason }, reason === 'expired'
+          ? 'peer refused our data-path signature (401): clock skew between the nodes?'
+          : 'peer refused our data-path signature (401): different mesh key?')
+        throw new PeerProtocolError(`peer ${peer.peerId} refused our data-path signature (${reason})`)
+      }
       throw new PeerProtocolError(`peer ${peer.peerId} answered ${res.statusCode}`)
     }
     if (init.maxBytes !== undefined && size > init.maxBytes) {

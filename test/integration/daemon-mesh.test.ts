@@ -13,6 +13,7 @@ import { parseDigest, digestHex } from '../../src/oci/digest.js'
 import { MediaType } from '../../src/oci/media-types.js'
 import { generateMeshKey } from '../../src/mesh/index.js'
 import { AUTH_HEADER, PEER_BLOB_PATH, dataPathKey, signRequest } from '../../src/peer-protocol.js'
+import { parseMeshKey } from '../../src/mesh/psk.js'
 import { startFaultUpstream, type FaultUpstream } from '../helpers/fault-upstream.js'
 import { simpleRequest } from '../helpers/net.js'
 import { startDaemon as spawnDaemon, type DaemonProcess } from '../helpers/daemon-process.js'
@@ -309,14 +310,15 @@ describe('private mesh and private content', () => {
     const path = PEER_BLOB_PATH + d
     const as = a.peerUrl()!
     expect((await simpleRequest(as + path)).status).toBe(401)
-    const wrong = dataPathKey(new Uint8Array(await readFile(k2)))
-    expect((await simpleRequest(as + path, { headers: { [AUTH_HEADER]: signRequest(wrong, 'GET', path) } })).status).toBe(401)
-    const right = dataPathKey(new Uint8Array(await readFile(k1)))
-    const ok = await simpleRequest(as + path, { headers: { [AUTH_HEADER]: signRequest(right, 'GET', path) } })
+    const target = a.mesh()!.status().peerId
+    const wrong = dataPathKey(parseMeshKey(await readFile(k2)))
+    expect((await simpleRequest(as + path, { headers: { [AUTH_HEADER]: signRequest(wrong, { target, method: 'GET', url: path }) } })).status).toBe(401)
+    const right = dataPathKey(parseMeshKey(await readFile(k1)))
+    const ok = await simpleRequest(as + path, { headers: { [AUTH_HEADER]: signRequest(right, { target, method: 'GET', url: path }) } })
     expect(ok.status).toBe(200)
     expect(sha(ok.body)).toBe(d)
-    // An old signature (replayed after the skew window) is refused.
-    expect((await simpleRequest(as + path, { headers: { [AUTH_HEADER]: signRequest(right, 'GET', path, Date.now() - 120_000) } })).status).toBe(401)
+    // An old signature (replayed after the window) is refused.
+    expect((await simpleRequest(as + path, { headers: { [AUTH_HEADER]: signRequest(right, { target, method: 'GET', url: path }, Date.now() - 120_000) } })).status).toBe(401)
   })
 
   it('content pulled with credentials is neither announced nor served to peers', async () => {
