@@ -47,10 +47,15 @@ function mac (key: Buffer, r: SignedRequest, ts: number, nonce: string): Buffer 
     .digest()
 }
 
-/** The AUTH_HEADER value for one request; a fresh nonce each call. */
+/**
+ * The AUTH_HEADER value for one request; a fresh nonce each call. `req.url` is taken as a WHATWG URL
+ * parser (undici, fetch) will put it on the wire (dot segments resolved, unsafe characters escaped),
+ * so `request(dataUrl + url)` sends what was signed. The verifier checks the request line as received.
+ */
 export function signRequest (key: Buffer, req: SignedRequest, now = Date.now()): string {
   const nonce = randomBytes(16).toString('hex')
-  return `${VERSION}.${keyId(key)}.${now}.${nonce}.${mac(key, req, now, nonce).toString('hex')}`
+  const u = new URL(req.url, 'http://peer.invalid')
+  return `${VERSION}.${keyId(key)}.${now}.${nonce}.${mac(key, { ...req, url: u.pathname + u.search }, now, nonce).toString('hex')}`
 }
 
 export interface RequestVerifier {

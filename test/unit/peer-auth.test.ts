@@ -100,3 +100,15 @@ describe('open mesh warning', () => {
     expect(openMeshWarning(buildConfig({ p2pListen: ['/ip4/10.0.0.5/tcp/4001'], peerListen: '10.0.0.5:5050' }, env).mesh, false)).toBeUndefined()
   })
 })
+
+describe('data-path signing', () => {
+  it('signs the URL as a WHATWG client sends it', () => {
+    const key = dataPathKey(parseMeshKey(generateMeshKey()))
+    const v = createRequestVerifier(key, { self: 'me' })
+    const raw = '/pullmesh/v1/fetch/sha256:00?u=docker.io&repo=library/a b&x="<y>"'
+    const u = new URL(raw, 'http://10.0.0.1:5050')
+    const wire = u.pathname + u.search
+    expect(wire).not.toBe(raw)
+    expect(v.verify({ method: 'GET', url: wire }, signRequest(key, { target: 'me', method: 'GET', url: raw }))).toEqual({ ok: true })
+  })
+})
