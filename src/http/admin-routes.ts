@@ -1,4 +1,6 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify'
+import { isIP } from 'node:net'
+import { hostname } from 'node:os'
 import type { Resolver } from '../content/resolver.js'
 import type { BlobStore } from '../store/types.js'
 import type { Evictor } from '../store/eviction.js'
@@ -120,10 +122,22 @@ function loopbackOnly (req: FastifyRequest): void {
  */
 export async function adminOnly (req: FastifyRequest): Promise<void> {
   loopbackOnly(req)
+  // DNS rebinding: a page whose name now resolves to 127.0.0.1 is same-origin with this API and may add
+  // headers; its Host header still carries its own name.
+  const host = hostOf(req.headers.host ?? '')
+  if (!(isIP(host) !== 0 || host === 'localhost' || host.endsWith('.localhost') || host === hostname().toLowerCase())) {
+    throw new OciError('DENIED', 403, 'cache administration is accepted for an IP address, localhost or this host\'s name only (Host header)')
+  }
   if (req.headers[ADMIN_HEADER] === '1') return
   const type = (req.headers['content-type'] ?? '').split(';', 1)[0]!.trim().toLowerCase()
   if (type === 'application/json') return
   throw new OciError('DENIED', 403, `cache administration needs the header "${ADMIN_HEADER}: 1" or a JSON body (content-type application/json), which a browser cannot send cross-site`)
+}
+
+function hostOf (header: string): string {
+  const h = header.trim().toLowerCase()
+  if (h.startsWith('[')) return h.slice(1, h.indexOf(']') > 0 ? h.indexOf(']') : undefined)
+  return h.split(':', 1)[0]!.replace(/\.$/, '')
 }
 
 /** The digests of a cached image tree, from the store alone. */

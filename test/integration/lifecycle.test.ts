@@ -195,10 +195,16 @@ describe('expiry, evict and gc', () => {
     await refused('POST', '/pullmesh/v1/evict', { 'content-type': 'multipart/form-data; boundary=x' }, '--x--')
     await refused('DELETE', '/pullmesh/v1/pins?image=life.test/library/csrf:v1')
     await refused('POST', '/pullmesh/v1/gc', { 'x-pullmesh-admin': 'yes please' })
+    // DNS rebinding: a page served under its own name, now resolving to 127.0.0.1, may add headers, but
+    // its Host header names it.
+    const rebound = await simpleRequest(`${u}/pullmesh/v1/gc`, { method: 'POST', headers: { host: 'attacker.example:5000', 'x-pullmesh-admin': '1' } })
+    expect(rebound.status).toBe(403)
+    expect(JSON.parse(rebound.body.toString()).errors[0].message).toContain('Host header')
     for await (const p of daemon.store.listPins()) expect.unreachable(`pinned ${p.name}`)
     for (const d of img.blobs) expect(await cached(d)).toBe(true)
     // The header, or a JSON body, is enough.
     expect((await simpleRequest(`${u}/pullmesh/v1/gc`, { method: 'POST', headers: { 'x-pullmesh-admin': '1' } })).status).toBe(200)
+    expect((await simpleRequest(`${u}/pullmesh/v1/gc`, { method: 'POST', headers: { host: `localhost:${new URL(u).port}`, 'x-pullmesh-admin': '1' } })).status).toBe(200)
     expect((await simpleRequest(`${u}/pullmesh/v1/evict`, { method: 'POST', headers: { 'content-type': 'application/json; charset=utf-8' }, body: JSON.stringify({ target: img.blobs[0] }) })).status).toBe(200)
     expect(await cached(img.blobs[0]!)).toBe(false)
     // Every CLI command that changes the cache still works.
