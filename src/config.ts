@@ -3,6 +3,7 @@ import { homedir } from 'node:os'
 import { isAbsolute, join, resolve } from 'node:path'
 import { z } from 'zod'
 import { ConfigError } from './errors.js'
+import { parseMeshKey } from './mesh/psk.js'
 
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'
 const LOG_LEVELS: readonly LogLevel[] = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']
@@ -369,18 +370,19 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
   return deepFreeze(config)
 }
 
-/** A libp2p pnet key file: `/key/swarm/psk/1.0.0/`, an encoding line, and the 32-byte key. Never echoed. */
+/** A libp2p pnet key file (parsed as the daemon will parse it, see mesh/psk.ts). Never echoed. */
 function checkMeshKey (path: string, problems: string[]): void {
-  let text: string
+  let buf: Buffer
   try {
-    text = readFileSync(path, 'utf8')
+    buf = readFileSync(path)
   } catch (err) {
     problems.push(`mesh-key ${path}: cannot read it (${(err as NodeJS.ErrnoException).code ?? 'error'}); create one with "pullmesh keygen FILE"`)
     return
   }
-  const lines = text.trim().split(/\r?\n/)
-  if (lines[0] !== '/key/swarm/psk/1.0.0/' || lines[1] !== '/base16/' || !/^[0-9a-fA-F]{64}$/.test(lines[2] ?? '')) {
-    problems.push(`mesh-key ${path}: not a mesh key file; create one with "pullmesh keygen FILE"`)
+  try {
+    parseMeshKey(buf)
+  } catch (err) {
+    problems.push(`mesh-key ${path}: ${(err as Error).message}; create one with "pullmesh keygen FILE"`)
   }
 }
 

@@ -6,7 +6,6 @@ import { createFsStore } from './store/fs-store.js'
 import type { BlobStore } from './store/types.js'
 import { createUpstreamClient } from './upstream/client.js'
 import type { UpstreamClient } from './upstream/types.js'
-import { readFile } from 'node:fs/promises'
 import { networkInterfaces } from 'node:os'
 import { createResolver, type Resolver } from './content/resolver.js'
 import { createPeerContent } from './content/peer-source.js'
@@ -19,6 +18,7 @@ import { createPeerServer } from './http/peer-server.js'
 import type { Mesh } from './mesh/types.js'
 import { dataPathKey } from './peer-protocol.js'
 import { upstreamId } from './content/delegation.js'
+import { encodeMeshKey, loadMeshKey } from './mesh/psk.js'
 
 export interface Daemon {
   readonly config: Readonly<Config>
@@ -110,9 +110,17 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
   let state: 'new' | 'starting' | 'started' | 'stopping' | 'stopped' = 'new'
 
   async function startMesh (): Promise<void> {
-    const meshKey = config.mesh.meshKeyFile !== undefined ? new Uint8Array(await readFile(config.mesh.meshKeyFile)) : undefined
-    const key = meshKey !== undefined ? dataPathKey(meshKey) : undefined
-    peerHttp = createPeerServer({ resolver, metrics, logger }, { ...(key !== undefined ? { key } : {}) })
+    // Both keys come from the parsed pnet key: files that differ only in line endings give the same mesh.
+    const psk = config.mesh.meshKeyFile !== undefined ? await loadMeshKey(config.mesh.meshKeyFile) : undefined
+    const meshKey = psk !== undefined ? encodeMeshKey(psk) : undefined
+    const key = psk !== undefined ? dataPathKey(psk) : undefined
+    // The data path checks that a request was signed for this node: it needs our peer id before libp2p starts.
+    const { loadOrCreatePeerKey } = await import('./mesh/peer-key.js')
+    const { peerIdFromPrivateKey } = await import('@libp2p/peer-id')
+    const self = peerIdFromPrivateKey((await loadOrCreatePeerKey(config.dataDir)).key).toString()
+    const openWarning = openMeshWarning(config.mesh, psk !== undefined)
+    if (openWarning !== undefined) logger.warn(openWarning)
+    peerHttp = createPeerServer({ resolver, metrics, logger }, { self, ...(key !== undefined ? { key } : {}) })
     await peerHttp.listen({ host: config.mesh.peerListen.host, port: config.mesh.peerListen.port })
     // libp2p takes about half a second to load: only a node with the mesh on pays for it.
     const { createMesh } = await import('./mesh/index.js')
@@ -128,6 +136,7 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       ...(meshKey !== undefined ? { meshKey } : {}),
     })
     await mesh.start()
+    if (mesh.status().peerId !== self) throw new Error(`the mesh started as ${mesh.status().peerId}, not as ${self} (peer-key replaced during start?)`)
     peers = createPeerContent({ mesh, metrics, logger }, { timeoutMs: config.mesh.peerTimeoutMs, maxBytes: config.maxBytes, minRate: config.mesh.peerMinRate, ...(key !== undefined ? { key } : {}) })
     logger.info({ peerUrl, p2p: mesh.multiaddrs(), mdns: config.mesh.mdns, private: meshKey !== undefined }, 'mesh started')
   }
@@ -172,6 +181,22 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       logger.info('pullmesh stopped')
     },
   }
+}
+
+/**
+ * The one start-up line for an open (keyless) mesh that listens on every interface: anyone who can reach
+ * those ports can join, announce and read. Undefined when the mesh is keyed or listens on specific addresses.
+ */
+export function openMeshWarning (mesh: Readonly<Config['mesh']>, keyed: boolean): string | undefined {
+  if (keyed) return undefined
+  const wild = [
+    ...mesh.p2pListen.filter(a => /^\/ip4\/0\.0\.0\.0\/|^\/ip6\/::\//.test(a)),
+    ...(mesh.peerListen.host === '0.0.0.0' || mesh.peerListen.host === '::' ? [`${mesh.peerListen.host.includes(':') ? `[${mesh.peerListen.host}]` : mesh.peerListen.host}:${mesh.peerListen.port} (data path)`] : []),
+  ]
+  if (wild.length === 0) return undefined
+  return `open mesh on all interfaces (${wild.join(', ')}): any host that can reach these ports can join the mesh, ` +
+    'announce content and read every shared blob. To close it, create a key with "pullmesh keygen FILE" and start ' +
+    'every node with "--mesh-key FILE", or listen on a specific address (--p2p-listen, --peer-listen)'
 }
 
 /** For a wildcard listen address, the first non-internal IPv4 address: what a peer could reach. */

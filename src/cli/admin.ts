@@ -2,13 +2,15 @@ import type { Command } from 'commander'
 import { request } from 'undici'
 import type { CliIo } from './index.js'
 import { formatBytes } from './status.js'
+import { ADMIN_HEADER } from '../http/admin-routes.js'
 
 /** Calls the running daemon's admin API; resolves with the JSON body, or reports and sets exit 1. */
 async function call (io: CliIo, url: string, method: 'GET' | 'POST' | 'DELETE', path: string, body?: unknown): Promise<Record<string, unknown> | undefined> {
   try {
     const res = await request(new URL(path, url), {
       method,
-      headers: body !== undefined ? { 'content-type': 'application/json' } : {},
+      // The admin header: the daemon refuses state-changing requests without it (or a JSON body).
+      headers: { [ADMIN_HEADER]: '1', ...(body !== undefined ? { 'content-type': 'application/json' } : {}) },
       ...(body !== undefined ? { body: JSON.stringify(body) } : {}),
       headersTimeout: 30 * 60_000,
       bodyTimeout: 30 * 60_000,

@@ -7,7 +7,7 @@ import type { Digest } from '../oci/digest.js'
 import type { TagRecord } from '../store/types.js'
 import type { DelegatedManifest, PeerContent } from './types.js'
 import type { FillSource } from './fill.js'
-import { AUTH_HEADER, PEER_BLOB_PATH, signRequest } from '../peer-protocol.js'
+import { AUTH_ERROR_HEADER, AUTH_HEADER, PEER_BLOB_PATH, signRequest } from '../peer-protocol.js'
 import { digestOf } from '../oci/digest.js'
 import { VerificationError } from '../errors.js'
 import { DELEGATED_CONTENT_TYPE, HEARTBEAT_MS, PEER_FETCH_PATH, readPreamble, rendezvous, type Preamble, type PreambleOk } from './delegation.js'
@@ -64,9 +64,10 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
   })
 
   /** GET on a peer's data path; the peer deadline covers the response headers, enforced by our own timer. */
-  async function send (dataUrl: string, pathAndQuery: string, headers: Record<string, string>, signal?: AbortSignal): Promise<Dispatcher.ResponseData> {
-    const path = pathAndQuery.split('?', 1)[0]!
-    if (init.key !== undefined) headers[AUTH_HEADER] = signRequest(init.key, 'GET', path)
+  async function send (peer: PeerHolder, pathAndQuery: string, headers: Record<string, string>, signal?: AbortSignal): Promise<Dispatcher.ResponseData> {
+    const dataUrl = peer.dataUrl
+    // The signature binds the node asked, the method, the path and query, and the range.
+    if (init.key !== undefined) headers[AUTH_HEADER] = signRequest(init.key, { target: peer.peerId, method: 'GET', url: pathAndQuery, ...(headers.range !== undefined ? { range: headers.range } : {}) })
     // undici's own timers tick about once a second; the peer deadline is enforced here, to the ms.
     const deadline = new AbortController()
     const timer = setTimeout(() => deadline.abort(new PeerTimeoutError(`peer ${dataUrl} did not answer within ${init.timeoutMs} ms`)), init.timeoutMs)
@@ -85,7 +86,7 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
   async function get (peer: PeerHolder, digest: Digest, signal?: AbortSignal, from?: { start: number, size: number }): Promise<{ body: Readable, size: number, start: number } | undefined> {
     const headers: Record<string, string> = {}
     if (from !== undefined && from.start > 0) headers.range = `bytes=${from.start}-${from.size - 1}`
-    const res = await send(peer.dataUrl, PEER_BLOB_PATH + digest, headers, signal)
+    const res = await send(peer, PEER_BLOB_PATH + digest, headers, signal)
     if (res.statusCode === 404) {
       await res.body.dump().catch(() => {})
       return undefined
@@ -103,7 +104,13 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
       start = from.start
     } else if (res.statusCode !== 200 || !Number.isSafeInteger(size) || size < 0) {
       await res.body.dump().catch(() => {})
-      if (res.statusCode === 401) log.warn({ peer: peer.peerId }, 'a peer refused our data-path signature: do both nodes use the same --mesh-key?')
+      if (res.statusCode === 401) {
+        const reason = String(res.headers[AUTH_ERROR_HEADER] ?? 'unknown').slice(0, 20)
+        log.warn({ peer: peer.peerId, dataUrl: peer.dataUrl, reason }, reason === 'expired'
+          ? 'peer refused our data-path signature (401): clock skew between the nodes?'
+          : 'peer refused our data-path signature (401): different mesh key?')
+        throw new PeerProtocolError(`peer ${peer.peerId} refused our data-path signature (${reason})`)
+      }
       throw new PeerProtocolError(`peer ${peer.peerId} answered ${res.statusCode}`)
     }
     if (init.maxBytes !== undefined && size > init.maxBytes) {
@@ -115,7 +122,7 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
 
   /** A delegated fetch: the fetcher answers at once, sends heartbeats while it waits, then a preamble and the bytes. */
   async function delegated (fetcher: PeerHolder, pathAndQuery: string, headers: Record<string, string>, signal?: AbortSignal): Promise<{ body: Readable, preamble: PreambleOk } | undefined> {
-    const res = await send(fetcher.dataUrl, pathAndQuery, headers, signal)
+    const res = await send(fetcher, pathAndQuery, headers, signal)
     if (res.statusCode !== 200 || res.headers['content-type'] !== DELEGATED_CONTENT_TYPE) {
       await res.body.dump().catch(() => {})
       if (res.statusCode === 404) return undefined

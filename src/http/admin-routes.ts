@@ -1,4 +1,6 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify'
+import { isIP } from 'node:net'
+import { hostname } from 'node:os'
 import type { Resolver } from '../content/resolver.js'
 import type { BlobStore } from '../store/types.js'
 import type { Evictor } from '../store/eviction.js'
@@ -11,21 +13,19 @@ import { tryParseDigest, type Digest } from '../oci/digest.js'
 import { MAX_MANIFEST_BYTES } from '../oci/media-types.js'
 import { OciError } from '../errors.js'
 
+/** Sent by `pullmesh pin|unpin|gc|evict`: a header a web page cannot add to a cross-site request. */
+export const ADMIN_HEADER = 'x-pullmesh-admin'
+
 export interface AdminComponents { resolver: Resolver, store: BlobStore, evictor: Evictor, metrics: Metrics, logger: Logger }
 
 /**
  * The operator's API behind `pullmesh pin|unpin|gc|evict`. Everything that changes the cache is
- * accepted only from loopback, even when the registry API listens on the LAN.
+ * accepted only from loopback, even when the registry API listens on the LAN, and only with the header
+ * `x-pullmesh-admin: 1` or a JSON body: a web page open in a browser on this host can send neither
+ * cross-site without a CORS preflight, which is never granted here.
  */
 export function registerAdminRoutes (app: FastifyInstance, c: AdminComponents, routing: RoutingInit): void {
   const log = c.logger.child({ component: 'admin' })
-
-  function loopbackOnly (req: FastifyRequest): void {
-    const ip = req.socket.remoteAddress ?? ''
-    if (!(ip.startsWith('127.') || ip === '::1' || ip.startsWith('::ffff:127.'))) {
-      throw new OciError('DENIED', 403, 'cache administration is accepted from this host only')
-    }
-  }
 
   function imageTarget (image: unknown): { name: string, target: Target, reference: string } {
     if (typeof image !== 'string') throw new OciError('NAME_INVALID', 400, 'expected {"image": "<reference>"}')
@@ -40,8 +40,7 @@ export function registerAdminRoutes (app: FastifyInstance, c: AdminComponents, r
     return { pins }
   })
 
-  app.post('/pullmesh/v1/pins', async (req) => {
-    loopbackOnly(req)
+  app.post('/pullmesh/v1/pins', { onRequest: adminOnly }, async (req) => {
     const { name, target, reference } = imageTarget((req.body as { image?: unknown } | undefined)?.image)
     const contents = await walkImage(c.resolver, target, parseReference(reference), { fetchBlobs: true })
     const digests = [...contents.manifests, ...contents.blobs.map(b => b.digest)]
@@ -50,16 +49,14 @@ export function registerAdminRoutes (app: FastifyInstance, c: AdminComponents, r
     return { pinned: name, manifests: contents.manifests.length, blobs: contents.blobs.length, bytes: contents.blobs.reduce((n, b) => n + b.size, 0) }
   })
 
-  app.delete('/pullmesh/v1/pins', async (req) => {
-    loopbackOnly(req)
+  app.delete('/pullmesh/v1/pins', { onRequest: adminOnly }, async (req) => {
     const { name } = imageTarget((req.query as { image?: unknown }).image)
     if (!(await c.store.deletePin(name))) throw new OciError('NAME_UNKNOWN', 404, 'no such pin', { image: name })
     log.info({ image: name }, 'unpinned')
     return { unpinned: name }
   })
 
-  app.post('/pullmesh/v1/gc', async (req) => {
-    loopbackOnly(req)
+  app.post('/pullmesh/v1/gc', { onRequest: adminOnly }, async () => {
     const result = await c.evictor.run('gc')
     // Tag records whose manifest is gone point nowhere: drop them.
     let tagsDropped = 0
@@ -72,8 +69,7 @@ export function registerAdminRoutes (app: FastifyInstance, c: AdminComponents, r
     return { ...result, tagsDropped, store: c.store.usage() }
   })
 
-  app.post('/pullmesh/v1/evict', async (req) => {
-    loopbackOnly(req)
+  app.post('/pullmesh/v1/evict', { onRequest: adminOnly }, async (req) => {
     const what = (req.body as { target?: unknown } | undefined)?.target
     if (typeof what !== 'string') throw new OciError('NAME_INVALID', 400, 'expected {"target": "<image or digest>"}')
     const digest = tryParseDigest(what)
@@ -111,6 +107,37 @@ export function registerAdminRoutes (app: FastifyInstance, c: AdminComponents, r
     log.info({ target: what, evicted: evicted.length, skipped: skipped.length }, 'evicted on request')
     return { evicted, skipped }
   })
+}
+
+function loopbackOnly (req: FastifyRequest): void {
+  const ip = req.socket.remoteAddress ?? ''
+  if (!(ip.startsWith('127.') || ip === '::1' || ip.startsWith('::ffff:127.'))) {
+    throw new OciError('DENIED', 403, 'cache administration is accepted from this host only')
+  }
+}
+
+/**
+ * The guard for every state-changing admin route (use it as the route's onRequest hook, so that a refused
+ * request is never parsed): loopback peers only, with the admin header or a JSON body.
+ */
+export async function adminOnly (req: FastifyRequest): Promise<void> {
+  loopbackOnly(req)
+  // DNS rebinding: a page whose name now resolves to 127.0.0.1 is same-origin with this API and may add
+  // headers; its Host header still carries its own name.
+  const host = hostOf(req.headers.host ?? '')
+  if (!(isIP(host) !== 0 || host === 'localhost' || host.endsWith('.localhost') || host === hostname().toLowerCase())) {
+    throw new OciError('DENIED', 403, 'cache administration is accepted for an IP address, localhost or this host\'s name only (Host header)')
+  }
+  if (req.headers[ADMIN_HEADER] === '1') return
+  const type = (req.headers['content-type'] ?? '').split(';', 1)[0]!.trim().toLowerCase()
+  if (type === 'application/json') return
+  throw new OciError('DENIED', 403, `cache administration needs the header "${ADMIN_HEADER}: 1" or a JSON body (content-type application/json), which a browser cannot send cross-site`)
+}
+
+function hostOf (header: string): string {
+  const h = header.trim().toLowerCase()
+  if (h.startsWith('[')) return h.slice(1, h.indexOf(']') > 0 ? h.indexOf(']') : undefined)
+  return h.split(':', 1)[0]!.replace(/\.$/, '')
 }
 
 /** The digests of a cached image tree, from the store alone. */

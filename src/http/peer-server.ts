@@ -4,7 +4,7 @@ import type { Metrics } from '../metrics.js'
 import type { Resolver } from '../content/resolver.js'
 import { tryParseDigest } from '../oci/digest.js'
 import { contentRange, parseRange } from '../oci/range.js'
-import { AUTH_HEADER, PEER_BLOB_PATH, verifyRequest } from '../peer-protocol.js'
+import { AUTH_ERROR_HEADER, AUTH_HEADER, PEER_BLOB_PATH, createRequestVerifier, type AuthFailure } from '../peer-protocol.js'
 import { OciError, blobUnknown } from '../errors.js'
 import { toOciError } from './server.js'
 import { sendBody } from './send-body.js'
@@ -13,14 +13,63 @@ import { DELEGATED_CONTENT_TYPE, HEARTBEAT_MS, PEER_FETCH_PATH, encodePreamble }
 
 export interface PeerServerComponents { resolver: Resolver, metrics: Metrics, logger: Logger }
 
+export interface PeerServerInit {
+  /** Data-path key (from the mesh key); without it the data path is open. */
+  key?: Buffer
+  /** This node's libp2p peer id: signatures made for another node are refused. Required with `key`. */
+  self?: string
+  /** Time allowed for a request's headers to arrive (default 5 s). */
+  headersTimeoutMs?: number
+  /** Time allowed for a whole request to arrive (default 10 s). */
+  requestTimeoutMs?: number
+}
+
+const WARN_EVERY_MS = 60_000
+const MAX_WARNED_REMOTES = 1024
+const REFUSAL_MESSAGES: Partial<Record<AuthFailure, string>> = {
+  key: 'data-path signature made with a different mesh key: is this peer started with another --mesh-key file?',
+  signature: 'data-path signature invalid: different mesh key, or a request signed for another node or another URL/range',
+  expired: 'data-path signature outside the time window: clock skew between nodes, or a replayed request',
+  replayed: 'data-path signature replayed (nonce already used)',
+  busy: 'data-path replay cache full; refusing signed requests until it drains',
+}
+
 /**
  * The peer data path: plain HTTP on the node's LAN address that serves blobs by digest only, only from
  * this node (its store, or a fill in progress, whose last byte waits for verification), and never
  * forwards a request. A peer is just another mirror. With a mesh key, every request must prove it.
  */
-export function createPeerServer (c: PeerServerComponents, init: { key?: Buffer }): FastifyInstance {
+export function createPeerServer (c: PeerServerComponents, init: PeerServerInit): FastifyInstance {
   const log = c.logger.child({ component: 'peer-http' })
-  const app = Fastify({ logger: false, forceCloseConnections: true, return503OnClosing: true })
+  if (init.key !== undefined && (init.self === undefined || init.self === '')) throw new TypeError('createPeerServer: a key needs this node\'s peer id (init.self)')
+  const verifier = init.key !== undefined ? createRequestVerifier(init.key, { self: init.self! }) : undefined
+  const headersTimeout = init.headersTimeoutMs ?? 5_000
+  const requestTimeout = Math.max(init.requestTimeoutMs ?? 10_000, headersTimeout)
+  const app = Fastify({
+    logger: false,
+    forceCloseConnections: true,
+    return503OnClosing: true,
+    // sha512 digests (135 characters) are path parameters too.
+    routerOptions: { maxParamLength: 512 },
+    // A request that arrives a byte at a time is cut off: headers and the whole request have deadlines,
+    // checked every second (Node's default check runs every 30 s).
+    requestTimeout,
+    http: { headersTimeout, requestTimeout, connectionsCheckingInterval: 1_000 },
+  })
+
+  // One warn per remote address and reason per minute: a mis-keyed or hostile peer cannot flood the log.
+  const warned = new Map<string, number>()
+  function warnRefusal (remote: string, reason: AuthFailure): void {
+    const message = REFUSAL_MESSAGES[reason]
+    if (message === undefined) return
+    const now = Date.now()
+    const k = `${reason} ${remote}`
+    const last = warned.get(k)
+    if (last !== undefined && now - last < WARN_EVERY_MS) return
+    if (warned.size >= MAX_WARNED_REMOTES) warned.clear()
+    warned.set(k, now)
+    log.warn({ remote, reason }, message)
+  }
 
   app.setErrorHandler((err, req, reply) => {
     const e = toOciError(err)
@@ -39,13 +88,16 @@ export function createPeerServer (c: PeerServerComponents, init: { key?: Buffer 
     })
   })
 
+  // The one auth check, for every route (the 404 handler included): path and query as sent, and Range.
   app.addHook('onRequest', async (req) => {
-    if (init.key === undefined) return
-    const path = (req.raw.url ?? '').split('?', 1)[0] ?? ''
-    if (!verifyRequest(init.key, req.method, path, req.headers[AUTH_HEADER] as string | undefined)) {
-      c.metrics.peerErrors.inc({ reason: 'auth-refused' })
-      throw new OciError('UNAUTHORIZED', 401, 'this mesh requires its key')
-    }
+    if (verifier === undefined) return
+    const range = req.headers.range
+    const r = verifier.verify({ method: req.method, url: req.raw.url ?? '', ...(range !== undefined ? { range } : {}) }, req.headers[AUTH_HEADER])
+    if (r.ok) return
+    c.metrics.peerErrors.inc({ reason: 'auth-refused' })
+    warnRefusal(req.ip, r.reason)
+    // Close the connection after a refusal: nothing more from this client is read.
+    throw new OciError('UNAUTHORIZED', 401, 'this mesh requires its key', { reason: r.reason }, { [AUTH_ERROR_HEADER]: r.reason, connection: 'close' })
   })
   // Delegated fetches: a peer chose this node to fetch content for the mesh. The answer starts at once
   // (so the asker can tell a busy fetcher from a dead one), carries a space every HEARTBEAT_MS while we

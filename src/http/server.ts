@@ -28,6 +28,9 @@ export function createHttpServer (c: HttpComponents, routing: RoutingInit): Fast
     forceCloseConnections: true,
     return503OnClosing: true,
     keepAliveTimeout: 65_000,
+    // Requests that arrive a byte at a time are cut off (checked every second; Node's own check runs every 30 s).
+    requestTimeout: 30_000,
+    http: { headersTimeout: 15_000, requestTimeout: 30_000, connectionsCheckingInterval: 1_000 },
     frameworkErrors: (err, _req, reply) => {
       const e = new OciError('NAME_INVALID', 400, 'malformed request', { reason: err.message })
       void (reply as FastifyReply).code(e.status).type('application/json').send(e.toBody())

@@ -13,6 +13,7 @@ import { parseDigest, digestHex } from '../../src/oci/digest.js'
 import { MediaType } from '../../src/oci/media-types.js'
 import { generateMeshKey } from '../../src/mesh/index.js'
 import { AUTH_HEADER, PEER_BLOB_PATH, dataPathKey, signRequest } from '../../src/peer-protocol.js'
+import { parseMeshKey } from '../../src/mesh/psk.js'
 import { startFaultUpstream, type FaultUpstream } from '../helpers/fault-upstream.js'
 import { simpleRequest } from '../helpers/net.js'
 import { startDaemon as spawnDaemon, type DaemonProcess } from '../helpers/daemon-process.js'
@@ -328,14 +329,15 @@ describe('private mesh and private content', () => {
     const path = PEER_BLOB_PATH + d
     const as = a.peerUrl()!
     expect((await simpleRequest(as + path)).status).toBe(401)
-    const wrong = dataPathKey(new Uint8Array(await readFile(k2)))
-    expect((await simpleRequest(as + path, { headers: { [AUTH_HEADER]: signRequest(wrong, 'GET', path) } })).status).toBe(401)
-    const right = dataPathKey(new Uint8Array(await readFile(k1)))
-    const ok = await simpleRequest(as + path, { headers: { [AUTH_HEADER]: signRequest(right, 'GET', path) } })
+    const target = a.mesh()!.status().peerId
+    const wrong = dataPathKey(parseMeshKey(await readFile(k2)))
+    expect((await simpleRequest(as + path, { headers: { [AUTH_HEADER]: signRequest(wrong, { target, method: 'GET', url: path }) } })).status).toBe(401)
+    const right = dataPathKey(parseMeshKey(await readFile(k1)))
+    const ok = await simpleRequest(as + path, { headers: { [AUTH_HEADER]: signRequest(right, { target, method: 'GET', url: path }) } })
     expect(ok.status).toBe(200)
     expect(sha(ok.body)).toBe(d)
-    // An old signature (replayed after the skew window) is refused.
-    expect((await simpleRequest(as + path, { headers: { [AUTH_HEADER]: signRequest(right, 'GET', path, Date.now() - 120_000) } })).status).toBe(401)
+    // An old signature (replayed after the window) is refused.
+    expect((await simpleRequest(as + path, { headers: { [AUTH_HEADER]: signRequest(right, { target, method: 'GET', url: path }, Date.now() - 120_000) } })).status).toBe(401)
   })
 
   it('content pulled with credentials is neither announced nor served to peers', async () => {
@@ -398,7 +400,9 @@ async function meshKeyFile (): Promise<string> {
 describe('one upstream fetch per mesh', () => {
   it('4 nodes pulling the same cold image at once fetch each blob and the tag once (keyed mesh)', async () => {
     const key = await meshKeyFile()
-    const ns = await fullMesh(4, { meshKey: key, tagTtl: '5m' })
+    // (A peer timeout of 1 s: a loaded CI machine running four nodes in one process must not turn a
+    // slow answer into a fallback to the upstream, which this test would count as a second fetch.)
+    const ns = await fullMesh(4, { meshKey: key, tagTtl: '5m', peerTimeout: '1s' })
     const img = seedImage('library/herd', 'v1', 4, 2 * 1024 * 1024)
     up.requests.length = 0
     await Promise.all(ns.map(async n => await pullAll(n, 'library/herd', 'v1', img.blobs)))
@@ -420,7 +424,7 @@ describe('one upstream fetch per mesh', () => {
 
   it('staggered starts (300 ms and 1 s apart) still fetch each blob once; an open mesh resolves tags per node', async () => {
     for (const gap of [300, 1000]) {
-      const ns = await fullMesh(3)
+      const ns = await fullMesh(3, { peerTimeout: '1s' })
       const img = seedImage(`library/stagger${gap}`, 'v1', 3, 4 * 1024 * 1024)
       // A slow upstream keeps the fills running while the later nodes arrive.
       up.setFault({ kind: 'slow', chunkBytes: 256 * 1024, delayMs: 60 }, { path: /\/blobs\// })

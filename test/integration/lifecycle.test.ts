@@ -175,6 +175,46 @@ describe('expiry, evict and gc', () => {
     expect((await cli('gc')).code).toBe(0)
   })
 
+  it('refuses admin requests a browser could send cross-site, while the CLI still works', async () => {
+    daemon = await start()
+    const img = seedImage('library/csrf', 'v1', 1, 10_000)
+    await pull('library/csrf', 'v1', img.blobs)
+    const u = daemon.url()
+    const refused = async (method: string, path: string, headers: Record<string, string> = {}, body?: string): Promise<void> => {
+      const r = await simpleRequest(u + path, { method, headers, ...(body !== undefined ? { body } : {}) })
+      expect(r.status, `${method} ${path} ${JSON.stringify(headers)}`).toBe(403)
+      const e = JSON.parse(r.body.toString()).errors[0]
+      expect(e.code).toBe('DENIED')
+      expect(e.message).toContain('x-pullmesh-admin: 1')
+    }
+    // What a form, an <img>, or fetch() in no-cors mode can send: no custom header, no JSON content type.
+    await refused('POST', '/pullmesh/v1/gc')
+    await refused('POST', '/pullmesh/v1/gc', { 'content-type': 'text/plain' }, '')
+    await refused('POST', '/pullmesh/v1/pins', { 'content-type': 'text/plain' }, JSON.stringify({ image: 'life.test/library/csrf:v1' }))
+    await refused('POST', '/pullmesh/v1/evict', { 'content-type': 'application/x-www-form-urlencoded' }, 'target=life.test/library/csrf:v1')
+    await refused('POST', '/pullmesh/v1/evict', { 'content-type': 'multipart/form-data; boundary=x' }, '--x--')
+    await refused('DELETE', '/pullmesh/v1/pins?image=life.test/library/csrf:v1')
+    await refused('POST', '/pullmesh/v1/gc', { 'x-pullmesh-admin': 'yes please' })
+    // DNS rebinding: a page served under its own name, now resolving to 127.0.0.1, may add headers, but
+    // its Host header names it.
+    const rebound = await simpleRequest(`${u}/pullmesh/v1/gc`, { method: 'POST', headers: { host: 'attacker.example:5000', 'x-pullmesh-admin': '1' } })
+    expect(rebound.status).toBe(403)
+    expect(JSON.parse(rebound.body.toString()).errors[0].message).toContain('Host header')
+    for await (const p of daemon.store.listPins()) expect.unreachable(`pinned ${p.name}`)
+    for (const d of img.blobs) expect(await cached(d)).toBe(true)
+    // The header, or a JSON body, is enough.
+    expect((await simpleRequest(`${u}/pullmesh/v1/gc`, { method: 'POST', headers: { 'x-pullmesh-admin': '1' } })).status).toBe(200)
+    expect((await simpleRequest(`${u}/pullmesh/v1/gc`, { method: 'POST', headers: { host: `localhost:${new URL(u).port}`, 'x-pullmesh-admin': '1' } })).status).toBe(200)
+    expect((await simpleRequest(`${u}/pullmesh/v1/evict`, { method: 'POST', headers: { 'content-type': 'application/json; charset=utf-8' }, body: JSON.stringify({ target: img.blobs[0] }) })).status).toBe(200)
+    expect(await cached(img.blobs[0]!)).toBe(false)
+    // Every CLI command that changes the cache still works.
+    for (const args of [['pin', 'life.test/library/csrf:v1'], ['unpin', 'life.test/library/csrf:v1'], ['evict', 'life.test/library/csrf:v1'], ['gc']]) {
+      const r = await cli(...args)
+      expect(r.code, `${args.join(' ')}: ${r.stderr}`).toBe(0)
+    }
+    for (const d of img.blobs) expect(await cached(d)).toBe(false)
+  })
+
   it('status shows the cache against its budget, the hit ratio and health', async () => {
     daemon = await start({ maxSize: '1GiB' })
     const d = up.addBlob('library/s', randomBytes(5000))
