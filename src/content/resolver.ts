@@ -134,7 +134,9 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
     // One flight per manifest, which a fetch on a peer's behalf (`direct`) joins too, unless that flight
     // is itself waiting on another node: two nodes that each think the other is the fetcher would then
     // wait on each other, so the peer's fetch goes to the upstream in a flight of its own.
-    const base = `${repoKey(target)}@${ref.kind === 'tag' ? ref.tag : ref.digest}`
+    // Keyed by the upstream's id, not its name: two names for one registry (a dotted alias for skopeo,
+    // HOST:PORT for containerd) share one flight.
+    const base = `${init.upstreamIds?.get(target.upstream) ?? target.upstream}/${target.repo}@${ref.kind === 'tag' ? ref.tag : ref.digest}`
     const key = direct && delegatingFlights.has(base) ? `${base}#direct` : base
     let flight = manifestFlights.get(key)
     if (flight === undefined) {
