@@ -543,3 +543,56 @@ describe('one upstream fetch per mesh', () => {
     }
   })
 })
+
+describe('whose word counts for a tag', () => {
+  it("a peer's record never overrides this node's own verified record, even a fresher one during an outage", async () => {
+    const a = await node({ tagTtl: '0s' })
+    const old = seedImage('library/trust', 'v1', 1, 1000)
+    expect((await get(a, `/v2/${UP}/library/trust/manifests/v1`)).headers['docker-content-digest']).toBe(old.manifest)
+    // The tag moves; B (connected to A) verifies the new mapping and announces it.
+    const b = await node({ bootstrapFrom: [a] })
+    const moved = seedImage('library/trust', 'v1', 1, 1000)
+    expect((await get(b, `/v2/${UP}/library/trust/manifests/v1`)).headers['docker-content-digest']).toBe(moved.manifest)
+    await until('A to learn B\'s fresher record', () => a.mesh()!.tagRecords(UP, 'library/trust', 'v1').some(r => r.record.digest === moved.manifest))
+    up.setFault({ kind: 'status', status: 503 })
+    const r = await get(a, `/v2/${UP}/library/trust/manifests/v1`)
+    expect(r.status).toBe(200)
+    expect(r.headers['docker-content-digest'], 'A answers from its own record').toBe(old.manifest)
+  })
+
+  it('a 401, 403 or 404 from the upstream is an answer: peer records are not used for it', async () => {
+    const a = await node()
+    seedImage('library/gone', 'v1', 1, 1000)
+    expect((await get(a, `/v2/${UP}/library/gone/manifests/v1`)).status).toBe(200)
+    const b = await node({ bootstrapFrom: [a] })
+    await until('B to learn the tag record', () => b.mesh()!.tagRecords(UP, 'library/gone', 'v1').length > 0)
+    for (const status of [404, 403, 401]) {
+      up.setFault({ kind: 'status', status }, { path: /\/manifests\// })
+      const r = await get(b, `/v2/${UP}/library/gone/manifests/v1`)
+      expect(r.status, `upstream ${status}`).toBeGreaterThanOrEqual(400)
+      expect(r.status, `upstream ${status}`).toBeLessThan(500)
+    }
+    expect(await metric(b, 'pullmesh_stale_tags_served_total')).toBe(0)
+  })
+
+  it('a black-holed upstream: a tag a peer can answer is answered after one connect attempt and the peer timeout, not every retry', async () => {
+    const a = await node()
+    const img = seedImage('library/hole', 'v1', 1, 1000)
+    expect((await get(a, `/v2/${UP}/library/hole/manifests/v1`)).status).toBe(200)
+    // Generous retries and header timeouts: without the outage rule this request waits 3 × 5 s.
+    const b = await node({ bootstrapFrom: [a], upstreamRetries: '3', upstreamHeadersTimeout: '5s', upstreamConnectTimeout: '1s' })
+    await until('B to learn the tag record', () => b.mesh()!.tagRecords(UP, 'library/hole', 'v1').length > 0)
+    up.setFault({ kind: 'hang' })
+    const t0 = Date.now()
+    const r = await get(b, `/v2/${UP}/library/hole/manifests/v1`)
+    const ms = Date.now() - t0
+    console.log(`black-holed upstream: a tag known to a peer answered in ${ms} ms (connect timeout 1 s, peer timeout 300 ms)`)
+    expect(r.status).toBe(200)
+    expect(r.headers['docker-content-digest']).toBe(img.manifest)
+    expect(ms).toBeLessThan(4_000)
+    // The breaker then answers the next one at once.
+    const t1 = Date.now()
+    expect((await get(b, `/v2/${UP}/library/hole/manifests/v1`)).status).toBe(200)
+    expect(Date.now() - t1).toBeLessThan(1_000)
+  })
+})
