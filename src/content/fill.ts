@@ -41,6 +41,12 @@ export interface FillSource {
   onBytes?: (n: number) => void
 }
 
+/** A source sent more bytes than the blob has. */
+export class SourceOverrunError extends Error {
+  override readonly name = 'SourceOverrunError'
+  readonly code = 'PM_SOURCE_OVERRUN'
+}
+
 /** A source sent less than its minimum rate. */
 export class TransferTooSlowError extends Error {
   override readonly name = 'TransferTooSlowError'
@@ -204,7 +210,7 @@ export class Fill {
       const a = att
       let pumped: unknown
       try {
-        await pump(body, a.writer, n => { a.accepted += n; src.onBytes?.(n) }, src.minRate)
+        await pump(body, a.writer, a.size - a.accepted, n => { a.accepted += n; src.onBytes?.(n) }, src.minRate)
       } catch (err) {
         pumped = err
       }
@@ -382,9 +388,10 @@ export class Fill {
  * With `minRate`, a body that delivers less than that over a window is destroyed (TransferTooSlowError);
  * time spent waiting on our own writer does not count against the source.
  */
-async function pump (body: Readable, writer: BlobWriter, onBytes: (n: number) => void, minRate?: { bytesPerSec: number, windowMs: number }): Promise<void> {
+async function pump (body: Readable, writer: BlobWriter, limit: number, onBytes: (n: number) => void, minRate?: { bytesPerSec: number, windowMs: number }): Promise<void> {
   await new Promise<void>((resolve, reject) => {
     let failed = false
+    let total = 0
     let windowBytes = 0
     let paused = false
     const timer = minRate === undefined
@@ -403,6 +410,9 @@ async function pump (body: Readable, writer: BlobWriter, onBytes: (n: number) =>
       reject(err)
     }
     const onData = (chunk: Buffer): void => {
+      total += chunk.length
+      // More than the blob's size: the source's fault, not our writer's (which would refuse it too).
+      if (total > limit) { body.destroy(new SourceOverrunError(`the source sent more than the ${limit} bytes expected`)); return }
       windowBytes += chunk.length
       onBytes(chunk.length)
       const p = writer.write(chunk).catch((err: unknown) => { throw new WriteFailedError(err) })
