@@ -33,9 +33,20 @@ export type InventoryFrame =
   | { v: 1, t: 'blobs', blobs: BlobEntry[] }
   | { v: 1, t: 'tags', tags: TagEntry[] }
   /** Last frame: counts for a completeness check, or `same` when nothing changed since the requester's epoch/gen. */
-  | { v: 1, t: 'end', blobs: number, tags: number, same: boolean }
+  | { v: 1, t: 'end', blobs: number, tags: number, same: boolean, delta?: boolean, gone?: number }
+  /** In a delta: entries the responder no longer holds since the requester's epoch/gen. */
+  | { v: 1, t: 'gone', blobs: Digest[], tags: TagName[] }
 
-export type DecodeResult<T> = { ok: true, value: T } | { ok: false, reason: 'too-large' | 'not-json' | 'version' | 'schema' }
+export interface TagName { upstream: string, repo: string, tag: string }
+
+/**
+ * Where a gossip message sits in its signer's sequence: `epoch` grows across the signer's restarts,
+ * `seq` counts its messages within an epoch. Every gossip message type carries it (stampOrigin), so
+ * that a receiver can drop replays: see ReplayGuard in announce.ts.
+ */
+export interface GossipOrigin { epoch: number, seq: number }
+
+export type DecodeResult<T> = { ok: true, value: T } | { ok: false, reason: 'too-large' | 'not-json' | 'version' | 'schema' | 'origin' | 'unknown-type' }
 
 // ---- schemas -------------------------------------------------------------------------------
 
@@ -78,12 +89,14 @@ const gossipSchema = z.discriminatedUnion('t', [
 ])
 
 const epoch = z.string().min(1).max(64)
+const tagName = z.tuple([name, name, z.string().min(1).max(128)])
 const frameSchema = z.discriminatedUnion('t', [
+  z.object({ t: z.literal('gone'), d: z.array(digest).max(FRAME_ENTRIES), g: z.array(tagName).max(FRAME_ENTRIES) }),
   z.object({ t: z.literal('req'), epoch: epoch.optional(), gen: size.optional() }),
   z.object({ t: z.literal('inv'), dataPort: port, epoch, gen: size }),
   z.object({ t: z.literal('blobs'), m: z.unknown(), b: z.unknown() }),
   z.object({ t: z.literal('tags'), tags: z.array(tagEntry).max(FRAME_ENTRIES) }),
-  z.object({ t: z.literal('end'), blobs: size, tags: size, same: z.boolean().optional() }),
+  z.object({ t: z.literal('end'), blobs: size, tags: size, same: z.boolean().optional(), delta: z.boolean().optional(), gone: size.optional() }),
 ])
 
 // ---- decoding ------------------------------------------------------------------------------
@@ -98,10 +111,30 @@ function parseVersioned (data: Uint8Array, max: number): DecodeResult<Record<str
   return { ok: true, value: o }
 }
 
+/** `e` and `s` are reserved in every gossip message: the signer's origin (see stampOrigin). */
+const originSchema = z.object({ e: size, s: size })
+
+/** Decodes a gossip message together with its origin; a message without a valid origin is refused. */
+export function decodeAnnouncement (data: Uint8Array): DecodeResult<{ origin: GossipOrigin, message: GossipMessage }> {
+  const p = parseVersioned(data, MAX_GOSSIP_BYTES)
+  if (!p.ok) return p
+  const o = originSchema.safeParse(p.value)
+  if (!o.success) return { ok: false, reason: 'origin' }
+  const m = gossipBody(p.value)
+  return m.ok ? { ok: true, value: { origin: { epoch: o.data.e, seq: o.data.s }, message: m.value } } : m
+}
+
+/** Decodes a gossip message's body (its origin, if any, is not checked: see decodeAnnouncement). */
 export function decodeGossip (data: Uint8Array): DecodeResult<GossipMessage> {
   const p = parseVersioned(data, MAX_GOSSIP_BYTES)
   if (!p.ok) return p
-  const r = gossipSchema.safeParse(p.value)
+  return gossipBody(p.value)
+}
+
+function gossipBody (o: Record<string, unknown>): DecodeResult<GossipMessage> {
+  // A type this version does not know (a newer peer's) is told apart from a malformed message.
+  if (typeof o.t === 'string' && !gossipSchema.optionsMap.has(o.t)) return { ok: false, reason: 'unknown-type' }
+  const r = gossipSchema.safeParse(o)
   if (!r.success) return { ok: false, reason: 'schema' }
   const m = r.data
   switch (m.t) {
@@ -135,7 +168,8 @@ export function decodeFrame (line: Uint8Array): DecodeResult<InventoryFrame> {
       return b.success ? { ok: true, value: { v: 1, t: 'blobs', blobs: b.data } } : { ok: false, reason: 'schema' }
     }
     case 'tags': return { ok: true, value: { v: 1, t: 'tags', tags: f.tags } }
-    case 'end': return { ok: true, value: { v: 1, t: 'end', blobs: f.blobs, tags: f.tags, same: f.same === true } }
+    case 'end': return { ok: true, value: { v: 1, t: 'end', blobs: f.blobs, tags: f.tags, same: f.same === true, ...(f.delta === true ? { delta: true, gone: f.gone ?? 0 } : {}) } }
+    case 'gone': return { ok: true, value: { v: 1, t: 'gone', blobs: f.d, tags: f.g.map(([upstream, repo, tag]) => ({ upstream, repo, tag })) } }
   }
 }
 
@@ -185,13 +219,27 @@ export const encodeRemoveAll = (): Uint8Array => enc({ v: WIRE_VERSION, t: 'remo
 export const encodeTag = (e: TagEntry): Uint8Array => enc({ v: WIRE_VERSION, t: 'tag', upstream: e.upstream, repo: e.repo, tag: e.tag, record: e.record })
 export const encodeHello = (dataPort: number): Uint8Array => enc({ v: WIRE_VERSION, t: 'hello', dataPort })
 
+/**
+ * Adds the signer's origin to any encoded gossip message: `{...,"e":<epoch>,"s":<seq>}`. Appended last,
+ * so that it wins over any key of the same name in the body (JSON.parse keeps the last one).
+ */
+export function stampOrigin (data: Uint8Array, origin: GossipOrigin): Uint8Array {
+  if (data.byteLength < 2 || data[0] !== 0x7b || data[data.byteLength - 1] !== 0x7d) throw new TypeError('a gossip message is a JSON object')
+  const tail = Buffer.from(`${data.byteLength > 2 ? ',' : ''}"e":${origin.epoch},"s":${origin.seq}}`)
+  return Buffer.concat([data.subarray(0, data.byteLength - 1), tail])
+}
+/** Bytes stampOrigin adds at most. */
+export const ORIGIN_BYTES = 48
+
 /** Inventory frames are JSON lines; JSON.stringify never emits a raw newline. */
 const line = (o: unknown): Uint8Array => Buffer.from(JSON.stringify(o) + '\n', 'utf8')
 export const frameReq = (last?: { epoch: string, gen: number }): Uint8Array => line({ v: WIRE_VERSION, t: 'req', ...last })
 export const frameInv = (dataPort: number, epoch: string, gen: number): Uint8Array => line({ v: WIRE_VERSION, t: 'inv', dataPort, epoch, gen })
 export const frameBlobs = (blobs: BlobEntry[]): Uint8Array => line({ v: WIRE_VERSION, t: 'blobs', ...table(blobs) })
 export const frameTags = (tags: TagEntry[]): Uint8Array => line({ v: WIRE_VERSION, t: 'tags', tags })
-export const frameEnd = (blobs: number, tags: number, same = false): Uint8Array => line({ v: WIRE_VERSION, t: 'end', blobs, tags, same })
+export const frameEnd = (blobs: number, tags: number, same = false, delta?: { gone: number }): Uint8Array =>
+  line({ v: WIRE_VERSION, t: 'end', blobs, tags, same, ...(delta !== undefined ? { delta: true, gone: delta.gone } : {}) })
+export const frameGone = (blobs: Digest[], tags: TagName[]): Uint8Array => line({ v: WIRE_VERSION, t: 'gone', d: blobs, g: tags.map(t => [t.upstream, t.repo, t.tag]) })
 
 /** Splits a byte stream into lines, refusing any line longer than maxLine. */
 export class LineSplitter {

@@ -60,7 +60,6 @@ describe('mesh messages', () => {
     const bad = [
       { v: 1, t: 'hello', dataPort: 0 },
       { v: 1, t: 'hello', dataPort: 70000 },
-      { v: 1, t: 'what' },
       { v: 1, t: 'add', m: [LAYER], b: [['md5:abc', 1, 0]] },
       { v: 1, t: 'add', m: [LAYER], b: [[d.toUpperCase(), 1, 0]] },
       { v: 1, t: 'add', m: [LAYER], b: [[d, 1.5, 0]] },
@@ -72,6 +71,8 @@ describe('mesh messages', () => {
       { v: 1, t: 'tag', upstream: 'u', repo: 'r', tag: 't', record: { digest: d, mediaType: 'x', size: 1 } },
     ]
     for (const m of bad) expect(decodeGossip(json(m))).toEqual({ ok: false, reason: 'schema' })
+    // a type this version does not know (a newer peer's) is not malformed: it is ignored without penalty
+    expect(decodeGossip(json({ v: 1, t: 'what' }))).toEqual({ ok: false, reason: 'unknown-type' })
   })
 
   it('inventory frames round-trip and the line splitter bounds lines', () => {
