@@ -159,8 +159,9 @@ export interface InventoryCounters {
   inventoryEntriesSent: number
   /** Entries (blobs, tags and removals) we received in inventory responses. */
   inventoryEntriesReceived: number
-  /** Fetches that waited for a slot (outgoing fetches are bounded). */
+  /** Fetches that waited for a slot (outgoing fetches are bounded), and the most that ran at once. */
   inventoryFetchesQueued: number
+  inventoryFetchesPeak: number
 }
 
 type InventoryNode = Pick<Libp2p, 'dialProtocol' | 'getConnections'>
@@ -212,7 +213,7 @@ export function createInventory (components: InventoryComponents, init: Inventor
   const maxFetches = init.maxConcurrentFetches ?? 4
   const counters: InventoryCounters = {
     inventoryFetches: 0, inventoryFull: 0, inventoryDelta: 0, inventoryUnchanged: 0, inventoryFailures: 0, inventoryServed: 0,
-    inventoryEntriesSent: 0, inventoryEntriesReceived: 0, inventoryFetchesQueued: 0,
+    inventoryEntriesSent: 0, inventoryEntriesReceived: 0, inventoryFetchesQueued: 0, inventoryFetchesPeak: 0,
   }
   let running = false
   let stopCtl = new AbortController()
@@ -308,7 +309,7 @@ export function createInventory (components: InventoryComponents, init: Inventor
   // ---- fetching ----
 
   async function acquire (): Promise<void> {
-    if (fetches < maxFetches) { fetches++; return }
+    if (fetches < maxFetches) { fetches++; counters.inventoryFetchesPeak = Math.max(counters.inventoryFetchesPeak, fetches); return }
     counters.inventoryFetchesQueued++
     await new Promise<void>(resolve => waiting.push(resolve))
     if (!running) throw new InventoryError('STOPPED', 'mesh is not running')

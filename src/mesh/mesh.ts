@@ -346,7 +346,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
       const a = announce?.counters() ?? { gossipSentMessages: 0, gossipSentBytes: 0, gossipSendThrottledMs: 0, gossipReceived: 0, gossipDropped: {} }
       const i = inventory?.counters() ?? {
         inventoryFetches: 0, inventoryFull: 0, inventoryDelta: 0, inventoryUnchanged: 0, inventoryFailures: 0, inventoryServed: 0,
-        inventoryEntriesSent: 0, inventoryEntriesReceived: 0, inventoryFetchesQueued: 0,
+        inventoryEntriesSent: 0, inventoryEntriesReceived: 0, inventoryFetchesQueued: 0, inventoryFetchesPeak: 0,
       }
       const mem = index.memory()
       return {

@@ -21,7 +21,7 @@ import { createFsStore } from '../../src/store/fs-store.js'
 import { sha256Of, type Digest } from '../../src/oci/digest.js'
 import type { BlobStore } from '../../src/store/types.js'
 import { createMesh, type MeshNode } from '../../src/mesh/index.js'
-import { ANNOUNCE_TOPIC } from '../../src/mesh/messages.js'
+import { ANNOUNCE_TOPIC, INVENTORY_PROTOCOL } from '../../src/mesh/messages.js'
 import { BLOB_COST } from '../../src/mesh/peer-index.js'
 
 const LAYER = 'application/vnd.oci.image.layer.v1.tar+gzip'
@@ -279,4 +279,30 @@ describe('mesh against hostile peers (real libp2p on loopback, real store)', () 
     expect(holderIds(b, blobs[499]!)).toEqual([])
     expect(peerOf(b, a.id)?.blobs).toBe(499)
   }, 90_000)
+
+  it('outgoing inventory fetches are bounded: peers that never answer hold at most 4 slots', async () => {
+    const c = await startNode()
+    // Six peers that accept the inventory request and never answer it.
+    const held: Array<{ abort: (err: Error) => void }> = []
+    for (let i = 0; i < 6; i++) {
+      const raw = await createLibp2p({
+        addresses: { listen: ['/ip4/127.0.0.1/tcp/0'] },
+        transports: [tcp()],
+        connectionEncrypters: [noise()],
+        streamMuxers: [yamux()],
+        peerDiscovery: [bootstrap({ list: [c.addr], timeout: 10 })],
+        services: { identify: identify() },
+      })
+      await raw.handle(INVENTORY_PROTOCOL, stream => { held.push(stream) })
+      cleanups.push(async () => { await raw.stop() })
+    }
+    await waitFor('at least five connected, four asked', () => c.mesh.status().peers.filter(p => p.connected).length >= 5 && held.length >= 4, 15_000)
+    await sleep(500)
+    const k = c.mesh.counters()
+    console.log(`[hostile] stalling inventories: ${held.length} requests reached the peers, ${k.inventoryFetchesQueued} queued, at most ${k.inventoryFetchesPeak} at once`)
+    const n = c.mesh.status().peers.filter(p => p.connected).length
+    expect(held.length).toBe(4)
+    expect(k.inventoryFetchesPeak).toBe(4)
+    expect(k.inventoryFetchesQueued).toBe(n - 4)
+  }, 60_000)
 })
