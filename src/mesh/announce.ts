@@ -233,7 +233,7 @@ export interface AnnounceCounters {
 interface AnnounceNode {
   peerId: PeerId
   getConnections: (peerId?: PeerId) => unknown[]
-  services: { pubsub: { publish: (topic: string, data?: Uint8Array) => Promise<unknown> } }
+  services: { pubsub: { publish: (topic: string, data?: Uint8Array) => Promise<unknown>, getSubscribers: (topic: string) => PeerId[] } }
 }
 
 export interface AnnounceComponents {
@@ -435,6 +435,9 @@ export function createAnnouncer (components: AnnounceComponents, init: AnnounceI
       running = false
       stopCtl.abort()
       if (pumping !== undefined) await pumping
+      // Just after connecting, gossipsub may not know yet who subscribes: give it a moment (bounded),
+      // or the withdrawal goes to no one and peers keep our holdings until their TTL.
+      for (let i = 0; i < 50 && (components.node()?.services.pubsub.getSubscribers(ANNOUNCE_TOPIC).length ?? 1) === 0; i++) await sleep(10)
       await publishNow(encodeRemoveAll())
     },
     validate,
