@@ -257,6 +257,11 @@ export interface Announcer {
   queue: (change: HoldingsChange) => void
   /** Publishes our data port. */
   hello: () => void
+  /**
+   * Queues any other encoded gossip message (a JSON object from messages.ts): it is stamped with our
+   * origin and published in order, under the same rate limit. At most 1,000 wait; the oldest go first.
+   */
+  publish: (data: Uint8Array) => void
   /** Stops publishing what is queued, then publishes `remove all` (best effort). */
   withdraw: () => Promise<void>
   /** The gossipsub topic validator. */
@@ -287,6 +292,7 @@ export function createAnnouncer (components: AnnounceComponents, init: AnnounceI
   const pendingRemoves = new Set<Digest>()
   const pendingTags = new Map<string, TagEntry>()
   let pendingHello = false
+  const pendingOther: Uint8Array[] = []
   let flushTimer: NodeJS.Timeout | undefined
   let pumping: Promise<void> | undefined
   const selfMsgs = new TokenBucket(limits.messagesPerSec * SELF_FRACTION, Math.max(1, Math.floor(limits.messagesBurst * SELF_FRACTION)), Date.now())
@@ -314,6 +320,7 @@ export function createAnnouncer (components: AnnounceComponents, init: AnnounceI
   function takePending (): Uint8Array[] {
     const out: Uint8Array[] = []
     if (pendingHello) { out.push(encodeHello(init.dataPort)); pendingHello = false }
+    out.push(...pendingOther.splice(0))
     if (pendingRemoves.size > 0) { out.push(...encodeRemoves([...pendingRemoves])); pendingRemoves.clear() }
     if (pendingAdds.size > 0) { out.push(...encodeAdds([...pendingAdds.values()])); pendingAdds.clear() }
     for (const t of pendingTags.values()) out.push(encodeTag(t))
@@ -321,7 +328,7 @@ export function createAnnouncer (components: AnnounceComponents, init: AnnounceI
     return out
   }
 
-  const hasPending = (): boolean => pendingHello || pendingRemoves.size > 0 || pendingAdds.size > 0 || pendingTags.size > 0
+  const hasPending = (): boolean => pendingHello || pendingOther.length > 0 || pendingRemoves.size > 0 || pendingAdds.size > 0 || pendingTags.size > 0
 
   /**
    * Publishes what is pending, one message at a time, waiting whenever the next one would take us over
@@ -431,6 +438,11 @@ export function createAnnouncer (components: AnnounceComponents, init: AnnounceI
   return {
     queue,
     hello () { pendingHello = true; flush() },
+    publish (data) {
+      if (pendingOther.length >= 1_000) { pendingOther.shift(); drop('send-queue-full') }
+      pendingOther.push(data)
+      flush()
+    },
     async withdraw () {
       running = false
       stopCtl.abort()
