@@ -400,8 +400,9 @@ export function createAnnouncer (components: AnnounceComponents, init: AnnounceI
     const r = decodeAnnouncement(msg.data)
     if (!r.ok) {
       drop(r.reason)
-      // A newer protocol version or message type is not misbehaviour: ignore it without penalising anyone.
-      return r.reason === 'version' || r.reason === 'unknown-type' ? TopicValidatorResult.Ignore : TopicValidatorResult.Reject
+      // A newer protocol version or message type, or an older node's message without an origin, is not
+      // misbehaviour: ignore it without penalising anyone (an unstamped message is still never indexed).
+      return r.reason === 'version' || r.reason === 'unknown-type' || r.reason === 'origin' ? TopicValidatorResult.Ignore : TopicValidatorResult.Reject
     }
     // Replays are checked for the signers we are connected to: the only ones we index. (For others we
     // keep no state, which a stream of made-up signers could otherwise evict.)

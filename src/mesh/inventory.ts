@@ -257,7 +257,7 @@ export function createInventory (components: InventoryComponents, init: Inventor
       const last = req?.ok === true && req.value.t === 'req' ? req.value : undefined
       // Snapshot synchronously: the journal cannot change between here and the first await.
       const gen = holdings.gen
-      const delta = last?.epoch === init.epoch && last.gen !== undefined && last.gen !== gen ? holdings.changedSince(last.gen) : undefined
+      const delta = last?.delta === true && last.epoch === init.epoch && last.gen !== undefined && last.gen !== gen ? holdings.changedSince(last.gen) : undefined
       await send(stream, frameInv(init.dataPort, init.epoch, gen), signal)
       if (last?.epoch === init.epoch && last.gen === gen) {
         await send(stream, frameEnd(0, 0, true), signal)
@@ -355,7 +355,7 @@ export function createInventory (components: InventoryComponents, init: Inventor
     try {
       const prev = lastInventory.get(id)
       const reusable = prev !== undefined && index.has(id) && t0 - prev.at < init.entryTtlMs / 2
-      await send(stream, frameReq(reusable ? { epoch: prev.epoch, gen: prev.gen } : undefined), signal)
+      await send(stream, frameReq(reusable ? { epoch: prev.epoch, gen: prev.gen } : undefined, true), signal)
       await stream.close({ signal })
 
       const splitter = new LineSplitter(MAX_FRAME_BYTES)

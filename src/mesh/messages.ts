@@ -27,7 +27,7 @@ export type GossipMessage =
 
 export type InventoryFrame =
   /** Request (requester → responder): `epoch`/`gen` of the last complete inventory it holds from the responder. */
-  | { v: 1, t: 'req', epoch?: string, gen?: number }
+  | { v: 1, t: 'req', epoch?: string, gen?: number, delta?: boolean }
   /** First response frame. The responder's holdings change whenever `gen` changes; `epoch` changes per process. */
   | { v: 1, t: 'inv', dataPort: number, epoch: string, gen: number }
   | { v: 1, t: 'blobs', blobs: BlobEntry[] }
@@ -92,7 +92,7 @@ const epoch = z.string().min(1).max(64)
 const tagName = z.tuple([name, name, z.string().min(1).max(128)])
 const frameSchema = z.discriminatedUnion('t', [
   z.object({ t: z.literal('gone'), d: z.array(digest).max(FRAME_ENTRIES), g: z.array(tagName).max(FRAME_ENTRIES) }),
-  z.object({ t: z.literal('req'), epoch: epoch.optional(), gen: size.optional() }),
+  z.object({ t: z.literal('req'), epoch: epoch.optional(), gen: size.optional(), delta: z.boolean().optional() }),
   z.object({ t: z.literal('inv'), dataPort: port, epoch, gen: size }),
   z.object({ t: z.literal('blobs'), m: z.unknown(), b: z.unknown() }),
   z.object({ t: z.literal('tags'), tags: z.array(tagEntry).max(FRAME_ENTRIES) }),
@@ -161,7 +161,7 @@ export function decodeFrame (line: Uint8Array): DecodeResult<InventoryFrame> {
   if (!r.success) return { ok: false, reason: 'schema' }
   const f = r.data
   switch (f.t) {
-    case 'req': return { ok: true, value: { v: 1, t: 'req', ...(f.epoch !== undefined ? { epoch: f.epoch } : {}), ...(f.gen !== undefined ? { gen: f.gen } : {}) } }
+    case 'req': return { ok: true, value: { v: 1, t: 'req', ...(f.epoch !== undefined ? { epoch: f.epoch } : {}), ...(f.gen !== undefined ? { gen: f.gen } : {}), ...(f.delta === true ? { delta: true } : {}) } }
     case 'inv': return { ok: true, value: { v: 1, t: 'inv', dataPort: f.dataPort, epoch: f.epoch, gen: f.gen } }
     case 'blobs': {
       const b = blobTable.safeParse({ m: f.m, b: f.b })
@@ -233,7 +233,8 @@ export const ORIGIN_BYTES = 48
 
 /** Inventory frames are JSON lines; JSON.stringify never emits a raw newline. */
 const line = (o: unknown): Uint8Array => Buffer.from(JSON.stringify(o) + '\n', 'utf8')
-export const frameReq = (last?: { epoch: string, gen: number }): Uint8Array => line({ v: WIRE_VERSION, t: 'req', ...last })
+/** `delta`: the requester can apply a delta (older requesters cannot, and get a complete inventory). */
+export const frameReq = (last?: { epoch: string, gen: number }, delta = false): Uint8Array => line({ v: WIRE_VERSION, t: 'req', ...last, ...(delta ? { delta: true } : {}) })
 export const frameInv = (dataPort: number, epoch: string, gen: number): Uint8Array => line({ v: WIRE_VERSION, t: 'inv', dataPort, epoch, gen })
 export const frameBlobs = (blobs: BlobEntry[]): Uint8Array => line({ v: WIRE_VERSION, t: 'blobs', ...table(blobs) })
 export const frameTags = (tags: TagEntry[]): Uint8Array => line({ v: WIRE_VERSION, t: 'tags', tags })

@@ -81,13 +81,14 @@ describe('mesh messages', () => {
   it('inventory frames round-trip and the line splitter bounds lines', () => {
     const blobs = [blob(), blob()]
     const tags = [tag()]
-    const stream = Buffer.concat([frameReq({ epoch: 'e1', gen: 3 }), frameInv(5050, 'abc', 7), frameBlobs(blobs), frameTags(tags), frameEnd(2, 1)])
+    const stream = Buffer.concat([frameReq({ epoch: 'e1', gen: 3 }), frameReq(undefined, true), frameInv(5050, 'abc', 7), frameBlobs(blobs), frameTags(tags), frameEnd(2, 1)])
     const sp = new LineSplitter(MAX_FRAME_BYTES)
     const lines: Buffer[] = []
     for (let i = 0; i < stream.length; i += 7) lines.push(...sp.push(stream.subarray(i, i + 7))) // arbitrary chunking
     expect(sp.hasPartial).toBe(false)
     expect(lines.map(l => decodeFrame(l))).toEqual([
       { ok: true, value: { v: 1, t: 'req', epoch: 'e1', gen: 3 } },
+      { ok: true, value: { v: 1, t: 'req', delta: true } },
       { ok: true, value: { v: 1, t: 'inv', dataPort: 5050, epoch: 'abc', gen: 7 } },
       { ok: true, value: { v: 1, t: 'blobs', blobs } },
       { ok: true, value: { v: 1, t: 'tags', tags } },
