@@ -1,8 +1,7 @@
-// The mesh control plane: a libp2p node that announces what our store holds (gossipsub) and learns
-// what peers hold (gossip + an inventory request/response on connect). Bytes move elsewhere (HTTP).
+// The mesh control plane: a libp2p node that announces what our store holds (announce.ts: gossipsub)
+// and learns what peers hold (announce.ts + inventory.ts: a request/response on connect). This file
+// wires them to libp2p and keeps the connections. Bytes move elsewhere (HTTP).
 import '../polyfills.js'
-import { randomBytes } from 'node:crypto'
-import { setTimeout as sleep } from 'node:timers/promises'
 import { createLibp2p, type Libp2p } from 'libp2p'
 import { tcp } from '@libp2p/tcp'
 import { noise } from '@chainsafe/libp2p-noise'
@@ -11,53 +10,38 @@ import { identify, type Identify } from '@libp2p/identify'
 import { mdns } from '@libp2p/mdns'
 import { bootstrap } from '@libp2p/bootstrap'
 import { preSharedKey, generateKey } from '@libp2p/pnet'
-import { gossipsub, StrictSign, TopicValidatorResult, type GossipSub, type Message } from '@libp2p/gossipsub'
-import { peerIdFromPublicKey, peerIdFromString } from '@libp2p/peer-id'
+import { gossipsub, StrictSign, type GossipSub } from '@libp2p/gossipsub'
+import { peerIdFromString } from '@libp2p/peer-id'
 import { multiaddr } from '@multiformats/multiaddr'
-import type { Connection, PeerId, Stream } from '@libp2p/interface'
+import type { Connection, PeerId } from '@libp2p/interface'
 import type { Logger } from '../logger.js'
 import type { Metrics } from '../metrics.js'
 import type { BlobStore, StoreEvent } from '../store/types.js'
 import type { Digest } from '../oci/digest.js'
 import { loadOrCreatePeerKey } from './peer-key.js'
 import { PeerIndex } from './peer-index.js'
-import {
-  ANNOUNCE_TOPIC, INVENTORY_PROTOCOL, MAX_FRAME_BYTES, MAX_GOSSIP_BYTES, FRAME_ENTRIES, LineSplitter,
-  decodeGossip, decodeFrame, encodeAdds, encodeRemoves, encodeRemoveAll, encodeTag, encodeHello, encodeFilling, encodeUnfilling,
-  frameReq, frameInv, frameBlobs, frameTags, frameEnd,
-  type BlobEntry, type TagEntry, type GossipMessage,
-} from './messages.js'
+import { ANNOUNCE_TOPIC, INVENTORY_PROTOCOL, MAX_GOSSIP_BYTES, encodeFilling, encodeUnfilling } from './messages.js'
+import { createAnnouncer, gossipScoring, nextEpoch, type AnnounceCounters, type Announcer } from './announce.js'
+import { createInventory, LocalHoldings, type Inventory, type InventoryCounters } from './inventory.js'
 import type { Mesh, MeshInit, MeshStatus, PeerHolder, PeerTagRecord, PeerOutcome } from './types.js'
 
 export interface MeshComponents { logger: Logger, metrics: Metrics, store: BlobStore }
 
 /** Counters for tests and diagnostics. */
-export interface MeshCounters {
-  gossipSentMessages: number
-  /** Payload bytes of gossip messages we published (before gossipsub framing and signatures). */
-  gossipSentBytes: number
-  gossipReceived: number
-  gossipDropped: Record<string, number>
-  inventoryFetches: number
-  inventoryFull: number
-  inventoryUnchanged: number
-  inventoryFailures: number
-  inventoryServed: number
+export interface MeshCounters extends AnnounceCounters, InventoryCounters {
   duplicateConnectionsClosed: number
+  /** Index entries evicted, and refused, because the index budget was full; peers evicted from full slots. */
+  indexEvicted: number
+  indexRefused: number
+  indexPeersEvicted: number
+  /** Accounted bytes the peer index holds, and its budget. */
+  indexBytes: number
+  indexMaxBytes: number
 }
 
 export type MeshNode = Mesh & { counters (): MeshCounters }
 
-const MAX_INVENTORY_ENTRIES = 100_000
-const MAX_INVENTORY_BYTES = 64 * 1024 * 1024
-const INVENTORY_TIMEOUT_MS = 30_000
-/** How long a requester may take to send its one-line inventory request. */
-const INVENTORY_REQUEST_TIMEOUT_MS = 5_000
-const MAX_CONCURRENT_INVENTORY_RESPONSES = 8
-const ADD_BATCH_MS = 100
-const ADD_BATCH_MAX = 500
 const REDIAL_MS = 10_000
-const CONNECT_RETRY_DELAYS = [500, 2_000, 5_000]
 const DEDUPE_RETRY_MS = [2_000, 10_000]
 /** How long a `filling` record lives; a fill that runs longer is announced again. */
 const FILLING_TTL_MS = 2 * 60_000
@@ -71,11 +55,6 @@ export function generateMeshKey (): Uint8Array {
 
 type Node = Libp2p<{ identify: Identify, pubsub: GossipSub }>
 
-class InventoryError extends Error {
-  override readonly name = 'InventoryError'
-  constructor (readonly code: string, message: string) { super(message) }
-}
-
 /** The IP address in a connection's remote multiaddr, if it has one. */
 function hostOf (conn: Connection): string | undefined {
   for (const c of conn.remoteAddr.getComponents()) {
@@ -84,24 +63,15 @@ function hostOf (conn: Connection): string | undefined {
   return undefined
 }
 
-const toBytes = (chunk: Uint8Array | { subarray: () => Uint8Array }): Uint8Array => chunk instanceof Uint8Array ? chunk : chunk.subarray()
-
-async function send (stream: Stream, buf: Uint8Array, signal: AbortSignal): Promise<void> {
-  if (!stream.send(buf)) await stream.onDrain({ signal })
-}
-
 export function createMesh (components: MeshComponents, init: MeshInit): MeshNode {
   const log = components.logger.child({ component: 'mesh' })
   const { metrics, store } = components
   const peerTtlMs = init.peerTtlMs ?? 30_000
   const inventoryIntervalMs = init.inventoryIntervalMs ?? 60_000
   const entryTtlMs = Math.max(3 * inventoryIntervalMs, peerTtlMs)
-  const index = new PeerIndex({ peerTtlMs, entryTtlMs })
-  const epoch = randomBytes(8).toString('hex')
-  const counters: MeshCounters = {
-    gossipSentMessages: 0, gossipSentBytes: 0, gossipReceived: 0, gossipDropped: {},
-    inventoryFetches: 0, inventoryFull: 0, inventoryUnchanged: 0, inventoryFailures: 0, inventoryServed: 0, duplicateConnectionsClosed: 0,
-  }
+  const index = new PeerIndex({ peerTtlMs, entryTtlMs, ...(init.indexBudgetBytes !== undefined ? { maxIndexBytes: init.indexBudgetBytes } : {}) })
+  /** Our public holdings, rebuilt from the store at each start. */
+  let holdings = new LocalHoldings()
 
   let node: Node | undefined
   let selfId = ''
@@ -111,306 +81,20 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
   let stopCtl = new AbortController()
   let unsubscribeStore: (() => void) | undefined
   const timers: NodeJS.Timeout[] = []
-  let flushTimer: NodeJS.Timeout | undefined
+  /** Created at start (they carry this run's epoch). */
+  let announce: Announcer | undefined
+  let inventory: Inventory | undefined
 
-  /** Bumped on every store change; lets a peer skip an unchanged inventory. */
-  let gen = 0
-  /** Digests we have announced (or would announce): a removal is announced only for these, never for private content. */
-  const publicDigests = new Set<Digest>()
-  const pendingAdds = new Map<Digest, BlobEntry>()
-  const pendingRemoves = new Set<Digest>()
-  const pendingTags = new Map<string, TagEntry>()
-  let publishChain: Promise<void> = Promise.resolve()
-
-  /** Per peer: the epoch/gen of its last complete inventory we applied, and when. */
-  const lastInventory = new Map<string, { epoch: string, gen: number, at: number }>()
-  const inventoryInFlight = new Map<string, Promise<boolean>>()
-  let inventoryResponses = 0
-  /** Peers we are sending an inventory to right now: one response per peer at a time. */
-  const servingTo = new Set<string>()
-  /** Decoded messages, handed from the topic validator to the message listener. */
-  const validated = new WeakMap<Message, GossipMessage>()
-
+  const counters = { duplicateConnectionsClosed: 0 }
   const upstreamIds = init.upstreams ?? []
   /** Fills of ours that peers were told about (digest → size, when last announced). */
   const fillingNow = new Map<Digest, { size: number, at: number }>()
-
-  const drop = (reason: string): void => { counters.gossipDropped[reason] = (counters.gossipDropped[reason] ?? 0) + 1 }
   const updatePeerGauge = (): void => { if (node !== undefined) metrics.peersConnected.set(node.getPeers().length) }
-
-  // ---- announcing our holdings ------------------------------------------------------------
-
-  function publish (data: Uint8Array): Promise<void> {
-    const n = node
-    publishChain = publishChain.then(async () => {
-      if (n === undefined || state !== 'started') return
-      counters.gossipSentMessages++
-      counters.gossipSentBytes += data.byteLength
-      try {
-        await n.services.pubsub.publish(ANNOUNCE_TOPIC, data)
-      } catch (err) {
-        log.debug({ err }, 'gossip publish failed')
-      }
-    })
-    return publishChain
-  }
-
-  function scheduleFlush (): void {
-    if (pendingAdds.size >= ADD_BATCH_MAX) { flush(); return }
-    if (flushTimer === undefined) flushTimer = setTimeout(flush, ADD_BATCH_MS)
-  }
-
-  function flush (): void {
-    if (flushTimer !== undefined) { clearTimeout(flushTimer); flushTimer = undefined }
-    if (state !== 'started') return // kept pending; flushed at start
-    if (pendingRemoves.size > 0) {
-      for (const m of encodeRemoves([...pendingRemoves])) void publish(m)
-      pendingRemoves.clear()
-    }
-    if (pendingAdds.size > 0) {
-      for (const m of encodeAdds([...pendingAdds.values()])) void publish(m)
-      pendingAdds.clear()
-    }
-    for (const t of pendingTags.values()) void publish(encodeTag(t))
-    pendingTags.clear()
-  }
+  const inventoryOnConnect = async (peerId: PeerId): Promise<void> => { await inventory?.onConnect(peerId) }
 
   function onStoreEvent (e: StoreEvent): void {
-    gen++
-    switch (e.type) {
-      case 'added':
-        if (e.info.private) return // pulled with credentials: never announced
-        publicDigests.add(e.info.digest)
-        pendingRemoves.delete(e.info.digest)
-        pendingAdds.set(e.info.digest, { digest: e.info.digest, size: e.info.size, mediaType: e.info.mediaType })
-        break
-      case 'removed':
-        pendingAdds.delete(e.digest)
-        if (!publicDigests.delete(e.digest)) return
-        pendingRemoves.add(e.digest)
-        break
-      case 'tag': {
-        if (e.record.private) return
-        const { digest, mediaType, size, verifiedAt } = e.record
-        pendingTags.set(`${e.upstream}\u0000${e.repo}\u0000${e.tag}`, { upstream: e.upstream, repo: e.repo, tag: e.tag, record: { digest, mediaType, size, verifiedAt } })
-        break
-      }
-    }
-    scheduleFlush()
-  }
-
-  // ---- receiving announcements ------------------------------------------------------------
-
-  function validate (_from: PeerId, msg: Message): TopicValidatorResult {
-    if (msg.type !== 'signed') { drop('unsigned'); return TopicValidatorResult.Reject }
-    // StrictSign has verified the signature with msg.key; the sender we index is that signer.
-    if (!peerIdFromPublicKey(msg.key).equals(msg.from)) { drop('signer'); return TopicValidatorResult.Reject }
-    if (msg.data.byteLength > MAX_GOSSIP_BYTES) { drop('too-large'); return TopicValidatorResult.Reject }
-    const r = decodeGossip(msg.data)
-    if (!r.ok) {
-      drop(r.reason)
-      // A newer protocol version is not misbehaviour: ignore it without penalising the forwarder.
-      return r.reason === 'version' ? TopicValidatorResult.Ignore : TopicValidatorResult.Reject
-    }
-    validated.set(msg, r.value)
-    return TopicValidatorResult.Accept
-  }
-
-  function onMessage (evt: CustomEvent<Message>): void {
-    const msg = evt.detail
-    if (msg.topic !== ANNOUNCE_TOPIC || msg.type !== 'signed') return
-    const from = msg.from.toString()
-    if (from === selfId) return
-    // Only peers we hold a connection to are indexed: a relayed signer we cannot reach is of no use, and
-    // any keypair can sign, so indexing strangers would let one node fill every index with made-up peers.
-    if (node === undefined || node.getConnections(msg.from).length === 0) { drop('not-connected'); return }
-    let m = validated.get(msg)
-    if (m === undefined) {
-      const r = decodeGossip(msg.data)
-      if (!r.ok) { drop(r.reason); return }
-      m = r.value
-    }
-    counters.gossipReceived++
-    const now = Date.now()
-    index.touch(from, now)
-    switch (m.t) {
-      case 'add': index.addBlobs(from, m.blobs, now); break
-      case 'remove':
-        if (m.all) { index.removeAll(from, now); lastInventory.delete(from) } else index.removeBlobs(from, m.digests, now)
-        break
-      case 'tag': index.putTag(from, m.entry, now); break
-      case 'hello':
-        index.setDataPort(from, m.dataPort, now)
-        if (m.upstreams !== undefined) index.setUpstreams(from, m.upstreams, now)
-        break
-      case 'filling': index.putFilling(from, m.digest, m.size, m.ttlMs, now); break
-      case 'unfilling': index.dropFilling(from, m.digest); break
-    }
-  }
-
-  // ---- inventory: serving ----------------------------------------------------------------
-
-  async function serveInventory (stream: Stream, connection: Connection): Promise<void> {
-    const requester = connection.remotePeer.toString()
-    if (inventoryResponses >= MAX_CONCURRENT_INVENTORY_RESPONSES || servingTo.has(requester)) {
-      stream.abort(new InventoryError('BUSY', 'too many inventory requests'))
-      return
-    }
-    servingTo.add(requester)
-    inventoryResponses++
-    const signal = AbortSignal.any([stopCtl.signal, AbortSignal.timeout(INVENTORY_TIMEOUT_MS)])
-    const onAbort = (): void => { stream.abort(new InventoryError('ABORTED', 'inventory response aborted')) }
-    signal.addEventListener('abort', onAbort, { once: true })
-    try {
-      // The request is one line; the requester half-closes after sending it, within a short deadline
-      // (a peer that never finishes its request must not hold a response slot for long).
-      const splitter = new LineSplitter(4096)
-      let reqLine: Uint8Array | undefined
-      const reqTimer = setTimeout(() => { stream.abort(new InventoryError('ABORTED', 'inventory request not sent in time')) }, INVENTORY_REQUEST_TIMEOUT_MS)
-      try {
-        for await (const chunk of stream) {
-          const lines = splitter.push(toBytes(chunk))
-          if (reqLine === undefined && lines[0] !== undefined) reqLine = lines[0]
-        }
-      } finally {
-        clearTimeout(reqTimer)
-      }
-      const req = reqLine === undefined ? undefined : decodeFrame(reqLine)
-      const last = req?.ok === true && req.value.t === 'req' ? req.value : undefined
-      const snapshotGen = gen
-      await send(stream, frameInv(init.dataPort, epoch, snapshotGen, upstreamIds), signal)
-      if (last?.epoch === epoch && last.gen === snapshotGen) {
-        await send(stream, frameEnd(0, 0, true), signal)
-      } else {
-        let blobs = 0
-        let tags = 0
-        let batch: BlobEntry[] = []
-        for await (const info of store.listBlobs()) {
-          if (info.private) continue
-          if (blobs + tags >= MAX_INVENTORY_ENTRIES) break
-          batch.push({ digest: info.digest, size: info.size, mediaType: info.mediaType })
-          blobs++
-          if (batch.length >= FRAME_ENTRIES) { await send(stream, frameBlobs(batch), signal); batch = [] }
-        }
-        if (batch.length > 0) await send(stream, frameBlobs(batch), signal)
-        let tbatch: TagEntry[] = []
-        for await (const t of store.listTags()) {
-          if (t.record.private) continue
-          if (blobs + tags >= MAX_INVENTORY_ENTRIES) break
-          const { digest, mediaType, size, verifiedAt } = t.record
-          tbatch.push({ upstream: t.upstream, repo: t.repo, tag: t.tag, record: { digest, mediaType, size, verifiedAt } })
-          tags++
-          if (tbatch.length >= FRAME_ENTRIES) { await send(stream, frameTags(tbatch), signal); tbatch = [] }
-        }
-        if (tbatch.length > 0) await send(stream, frameTags(tbatch), signal)
-        await send(stream, frameEnd(blobs, tags), signal)
-      }
-      await stream.close({ signal })
-      counters.inventoryServed++
-    } catch (err) {
-      log.debug({ err, peer: connection.remotePeer.toString() }, 'inventory response failed')
-      stream.abort(err instanceof Error ? err : new Error(String(err)))
-    } finally {
-      signal.removeEventListener('abort', onAbort)
-      inventoryResponses--
-      servingTo.delete(requester)
-    }
-  }
-
-  // ---- inventory: fetching ---------------------------------------------------------------
-
-  /** Asks a peer for its holdings and replaces its index entries. Returns false on failure. */
-  function refreshInventory (peerId: PeerId): Promise<boolean> {
-    const id = peerId.toString()
-    const running = inventoryInFlight.get(id)
-    if (running !== undefined) return running
-    const p = fetchInventory(peerId).then(() => true, (err: unknown) => {
-      counters.inventoryFailures++
-      if (state === 'started') log.debug({ err, peer: id }, 'inventory fetch failed')
-      return false
-    }).finally(() => inventoryInFlight.delete(id))
-    inventoryInFlight.set(id, p)
-    return p
-  }
-
-  async function fetchInventory (peerId: PeerId): Promise<void> {
-    const n = node
-    if (n === undefined || state !== 'started') throw new InventoryError('STOPPED', 'mesh is not running')
-    const id = peerId.toString()
-    counters.inventoryFetches++
-    const t0 = Date.now()
-    const signal = AbortSignal.any([stopCtl.signal, AbortSignal.timeout(INVENTORY_TIMEOUT_MS)])
-    const stream = await n.dialProtocol(peerId, INVENTORY_PROTOCOL, { signal })
-    const onAbort = (): void => { stream.abort(new InventoryError('ABORTED', 'inventory request aborted')) }
-    signal.addEventListener('abort', onAbort, { once: true })
-    try {
-      const prev = lastInventory.get(id)
-      const reusable = prev !== undefined && index.has(id) && t0 - prev.at < entryTtlMs / 2
-      await send(stream, frameReq(reusable ? { epoch: prev.epoch, gen: prev.gen } : undefined), signal)
-      await stream.close({ signal })
-
-      const splitter = new LineSplitter(MAX_FRAME_BYTES)
-      let head: { dataPort: number, epoch: string, gen: number, upstreams?: string[] } | undefined
-      let end: { blobs: number, tags: number, same: boolean } | undefined
-      const blobs: BlobEntry[] = []
-      const tags: TagEntry[] = []
-      let bytes = 0
-      for await (const chunk of stream) {
-        const buf = toBytes(chunk)
-        bytes += buf.byteLength
-        if (bytes > MAX_INVENTORY_BYTES) throw new InventoryError('TOO_LARGE', 'inventory too large')
-        for (const line of splitter.push(buf)) {
-          const r = decodeFrame(line)
-          if (!r.ok) throw new InventoryError('BAD_FRAME', `bad inventory frame: ${r.reason}`)
-          const f = r.value
-          if (end !== undefined) throw new InventoryError('BAD_FRAME', 'frame after end')
-          if (head === undefined && f.t !== 'inv') throw new InventoryError('BAD_FRAME', 'inventory must start with inv')
-          switch (f.t) {
-            case 'inv': head = f; break
-            case 'blobs': blobs.push(...f.blobs); break
-            case 'tags': tags.push(...f.tags); break
-            case 'end': end = f; break
-            case 'req': throw new InventoryError('BAD_FRAME', 'unexpected req')
-          }
-          if (blobs.length + tags.length > MAX_INVENTORY_ENTRIES) throw new InventoryError('TOO_LARGE', 'too many inventory entries')
-        }
-      }
-      if (head === undefined || end === undefined || splitter.hasPartial) throw new InventoryError('TRUNCATED', 'inventory ended early')
-      if (state !== 'started') return
-      const now = Date.now()
-      index.setDataPort(id, head.dataPort, now)
-      if (head.upstreams !== undefined) index.setUpstreams(id, head.upstreams, now)
-      if (end.same) {
-        index.refreshAll(id, now)
-        counters.inventoryUnchanged++
-      } else {
-        if (end.blobs !== blobs.length || end.tags !== tags.length) throw new InventoryError('TRUNCATED', 'inventory counts do not match')
-        index.replaceInventory(id, blobs, tags, t0, now)
-        counters.inventoryFull++
-      }
-      lastInventory.set(id, { epoch: head.epoch, gen: head.gen, at: now })
-      log.debug({ peer: id, blobs: blobs.length, tags: tags.length, same: end.same, ms: now - t0 }, 'inventory received')
-    } catch (err) {
-      // Leaving the loop only drops our listeners: abort, or the stream (and its slot) stays open.
-      stream.abort(err instanceof Error ? err : new Error(String(err)))
-      throw err
-    } finally {
-      signal.removeEventListener('abort', onAbort)
-    }
-  }
-
-  /** On connect: fetch the inventory, retrying a few times while the peer stays connected. */
-  async function inventoryOnConnect (peerId: PeerId): Promise<void> {
-    if (await refreshInventory(peerId)) return
-    for (const delay of CONNECT_RETRY_DELAYS) {
-      try {
-        await sleep(delay, undefined, { signal: stopCtl.signal })
-      } catch {
-        return // stopping
-      }
-      if (state !== 'started' || node === undefined || node.getConnections(peerId).length === 0) return
-      if (await refreshInventory(peerId)) return
-    }
+    const change = holdings.apply(e)
+    if (change !== undefined) announce?.queue(change)
   }
 
   // ---- connections -----------------------------------------------------------------------
@@ -500,12 +184,12 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
   function periodicInventory (): void {
     const n = node
     if (n === undefined || state !== 'started') return
-    for (const peerId of n.getPeers()) void refreshInventory(peerId)
-    void publish(encodeHello(init.dataPort, upstreamIds))
+    for (const peerId of n.getPeers()) void inventory?.refresh(peerId)
+    announce?.hello()
     // A fill that runs for longer than its record's lifetime is announced again.
     const t = Date.now()
     for (const [d, f] of fillingNow) {
-      if (t - f.at > FILLING_TTL_MS / 2) { f.at = t; void publish(encodeFilling(d, f.size, FILLING_TTL_MS)) }
+      if (t - f.at > FILLING_TTL_MS / 2) { f.at = t; announce?.publish(encodeFilling(d, f.size, FILLING_TTL_MS)) }
     }
   }
 
@@ -514,6 +198,8 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
   async function doStart (): Promise<void> {
     stopCtl = new AbortController()
     const { key, created } = await loadOrCreatePeerKey(init.dataDir)
+    const epoch = await nextEpoch(init.dataDir)
+    holdings = new LocalHoldings()
     const peerDiscovery: NonNullable<Parameters<typeof createLibp2p>[0]>['peerDiscovery'] = []
     if (init.mdns) peerDiscovery.push(mdns({ serviceTag: 'pullmesh.local', interval: 10_000 }))
     if (init.bootstrap.length > 0) peerDiscovery.push(bootstrap({ list: init.bootstrap, timeout: 50 }))
@@ -535,38 +221,53 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
           allowedTopics: [ANNOUNCE_TOPIC],
           // One announce topic: forward nothing else, keep memory bounded.
           maxInboundDataLength: MAX_GOSSIP_BYTES * 2,
+          ...(init.gossipSeenTtlMs !== undefined ? { seenTTL: init.gossipSeenTtlMs } : {}),
+          ...gossipScoring(peerId => index.score(peerId, Date.now())),
         }),
       },
     })
     node = n
     selfId = n.peerId.toString()
-    await n.handle(INVENTORY_PROTOCOL, serveInventory, { maxInboundStreams: 4, maxOutboundStreams: 4 })
+    const inv = createInventory({ logger: log, holdings, index, node: () => node }, { dataPort: init.dataPort, upstreams: upstreamIds, epoch: String(epoch), entryTtlMs })
+    const ann = createAnnouncer({ logger: log, index, node: () => node, onWithdraw: id => inv.forgetPeer(id) }, {
+      dataPort: init.dataPort, upstreams: upstreamIds, epoch, ...(init.gossipLimits !== undefined ? { limits: init.gossipLimits } : {}),
+    })
+    inventory = inv
+    announce = ann
+    await n.handle(INVENTORY_PROTOCOL, inv.serve, { maxInboundStreams: 4, maxOutboundStreams: 4 })
     n.addEventListener('connection:open', onConnectionOpen)
     n.addEventListener('peer:connect', onPeerConnect)
     n.addEventListener('peer:disconnect', onPeerDisconnect)
     n.addEventListener('peer:discovery', onPeerDiscovery)
-    n.services.pubsub.topicValidators.set(ANNOUNCE_TOPIC, validate)
-    n.services.pubsub.addEventListener('message', onMessage)
+    n.services.pubsub.topicValidators.set(ANNOUNCE_TOPIC, ann.validate)
+    n.services.pubsub.addEventListener('message', ann.onMessage)
 
     // Follow the store before listing it, so that nothing slips between the two.
     unsubscribeStore = store.subscribe(onStoreEvent)
-    for await (const info of store.listBlobs()) if (!info.private) publicDigests.add(info.digest)
+    holdings.beginLoad()
+    for await (const info of store.listBlobs()) if (!info.private) holdings.loadBlob({ digest: info.digest, size: info.size, mediaType: info.mediaType })
+    for await (const t of store.listTags()) {
+      if (t.record.private) continue
+      const { digest, mediaType, size, verifiedAt } = t.record
+      holdings.loadTag({ upstream: t.upstream, repo: t.repo, tag: t.tag, record: { digest, mediaType, size, verifiedAt } })
+    }
+    holdings.endLoad()
 
     await n.start()
     n.services.pubsub.subscribe(ANNOUNCE_TOPIC)
     state = 'started'
+    inv.start()
     timers.push(setInterval(periodicInventory, inventoryIntervalMs))
-    timers.push(setInterval(() => { index.expire(Date.now()); for (const id of lastInventory.keys()) if (!index.has(id)) lastInventory.delete(id) }, Math.max(200, Math.min(5_000, Math.floor(peerTtlMs / 4)))))
+    timers.push(setInterval(() => { index.expire(Date.now()); inv.expire() }, Math.max(200, Math.min(5_000, Math.floor(peerTtlMs / 4)))))
     if (init.bootstrap.length > 0) timers.push(setInterval(redialBootstrap, REDIAL_MS))
     for (const t of timers) t.unref()
-    flush()
-    void publish(encodeHello(init.dataPort, upstreamIds))
+    ann.start()
+    ann.hello()
     log.info({ peer: selfId, addrs: n.getMultiaddrs().map(String), created }, 'mesh started')
   }
 
   async function doStop (): Promise<void> {
     const n = node
-    if (flushTimer !== undefined) { clearTimeout(flushTimer); flushTimer = undefined }
     for (const t of timers.splice(0)) clearInterval(t)
     unsubscribeStore?.()
     unsubscribeStore = undefined
@@ -574,21 +275,21 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
       // Withdraw: peers forget our holdings at once instead of after their TTL (best effort).
       if (n.getPeers().length > 0) {
         try {
-          await Promise.race([publish(encodeRemoveAll()), new Promise(resolve => setTimeout(resolve, 1_000))])
+          await Promise.race([announce?.withdraw(), new Promise(resolve => setTimeout(resolve, 1_000))])
           await new Promise(resolve => setTimeout(resolve, 50)) // let the muxer flush
         } catch { /* best effort */ }
       }
       state = 'stopping'
       stopCtl.abort()
-      n.services.pubsub.removeEventListener('message', onMessage)
+      if (announce !== undefined) n.services.pubsub.removeEventListener('message', announce.onMessage)
       n.removeEventListener('connection:open', onConnectionOpen)
       n.removeEventListener('peer:connect', onPeerConnect)
       n.removeEventListener('peer:disconnect', onPeerDisconnect)
       n.removeEventListener('peer:discovery', onPeerDiscovery)
       await n.stop()
     }
-    await Promise.allSettled([...inventoryInFlight.values()])
-    await publishChain
+    await inventory?.stop()
+    await announce?.stop()
     node = undefined
     metrics.peersConnected.set(0)
     log.info({ peer: selfId }, 'mesh stopped')
@@ -605,6 +306,8 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
         stopCtl.abort()
         unsubscribeStore?.()
         unsubscribeStore = undefined
+        await inventory?.stop()
+        await announce?.stop()
         try { await node?.stop() } catch { /* already failing */ }
         node = undefined
         state = 'stopped'
@@ -619,14 +322,6 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
       if (state === 'stopped') return
       stopping = doStop().finally(() => { state = 'stopped'; stopping = undefined })
       return await stopping
-    },
-
-    holders (digest: Digest): PeerHolder[] {
-      return index.holders(digest, Date.now())
-    },
-
-    tagRecords (upstream: string, repo: string, tag: string): PeerTagRecord[] {
-      return index.tagRecords(upstream, repo, tag, Date.now())
     },
 
     fillers (digest: Digest) {
@@ -644,14 +339,22 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     announceFilling (digest: Digest, size: number): void {
       if (state !== 'started' || fillingNow.has(digest)) return
       fillingNow.set(digest, { size, at: Date.now() })
-      // Unbatched: a peer that misses this digest a moment from now should stream from us, not fetch.
-      void publish(encodeFilling(digest, size, FILLING_TTL_MS))
+      // Not batched with adds: a peer that misses this digest a moment from now should stream from us.
+      announce?.publish(encodeFilling(digest, size, FILLING_TTL_MS))
     },
 
     fillingEnded (digest: Digest, ok: boolean): void {
       if (!fillingNow.delete(digest)) return
       // Success is announced by the store's `added` (which also clears the record at peers).
-      if (!ok && state === 'started') void publish(encodeUnfilling(digest))
+      if (!ok && state === 'started') announce?.publish(encodeUnfilling(digest))
+    },
+
+    holders (digest: Digest): PeerHolder[] {
+      return index.holders(digest, Date.now())
+    },
+
+    tagRecords (upstream: string, repo: string, tag: string): PeerTagRecord[] {
+      return index.tagRecords(upstream, repo, tag, Date.now())
     },
 
     report (peerId: string, outcome: PeerOutcome): void {
@@ -661,7 +364,12 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     status (): MeshStatus {
       const n = node
       const connected = new Set(n?.getPeers().map(String) ?? [])
-      const peers = index.status(Date.now()).map(p => ({ ...p, connected: connected.has(p.peerId) }))
+      // gossipsub's own score of each peer (the class has getScore; the exported interface does not)
+      const gs = n?.services.pubsub as unknown as { getScore?: (id: string) => number } | undefined
+      const peers = index.status(Date.now()).map(p => {
+        const g = gs?.getScore?.(p.peerId)
+        return { ...p, connected: connected.has(p.peerId), ...(g !== undefined ? { gossipScore: Math.round(g * 100) / 100 } : {}) }
+      })
       return { peerId: selfId, addrs: this.multiaddrs(), peers }
     },
 
@@ -670,7 +378,17 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     },
 
     counters (): MeshCounters {
-      return { ...counters, gossipDropped: { ...counters.gossipDropped } }
+      const a = announce?.counters() ?? { gossipSentMessages: 0, gossipSentBytes: 0, gossipSendThrottledMs: 0, gossipReceived: 0, gossipDropped: {} }
+      const i = inventory?.counters() ?? {
+        inventoryFetches: 0, inventoryFull: 0, inventoryDelta: 0, inventoryUnchanged: 0, inventoryFailures: 0, inventoryServed: 0,
+        inventoryEntriesSent: 0, inventoryEntriesReceived: 0, inventoryFetchesQueued: 0, inventoryFetchesPeak: 0,
+      }
+      const mem = index.memory()
+      return {
+        ...a, ...i, ...counters,
+        indexEvicted: index.evictions.evicted, indexRefused: index.evictions.refused, indexPeersEvicted: index.evictions.peersEvicted,
+        indexBytes: mem.used, indexMaxBytes: mem.max,
+      }
     },
   }
 }

@@ -31,15 +31,26 @@ export type GossipMessage =
 
 export type InventoryFrame =
   /** Request (requester → responder): `epoch`/`gen` of the last complete inventory it holds from the responder. */
-  | { v: 1, t: 'req', epoch?: string, gen?: number }
+  | { v: 1, t: 'req', epoch?: string, gen?: number, delta?: boolean }
   /** First response frame. The responder's holdings change whenever `gen` changes; `epoch` changes per process. */
   | { v: 1, t: 'inv', dataPort: number, epoch: string, gen: number, upstreams?: string[] }
   | { v: 1, t: 'blobs', blobs: BlobEntry[] }
   | { v: 1, t: 'tags', tags: TagEntry[] }
   /** Last frame: counts for a completeness check, or `same` when nothing changed since the requester's epoch/gen. */
-  | { v: 1, t: 'end', blobs: number, tags: number, same: boolean }
+  | { v: 1, t: 'end', blobs: number, tags: number, same: boolean, delta?: boolean, gone?: number }
+  /** In a delta: entries the responder no longer holds since the requester's epoch/gen. */
+  | { v: 1, t: 'gone', blobs: Digest[], tags: TagName[] }
 
-export type DecodeResult<T> = { ok: true, value: T } | { ok: false, reason: 'too-large' | 'not-json' | 'version' | 'schema' }
+export interface TagName { upstream: string, repo: string, tag: string }
+
+/**
+ * Where a gossip message sits in its signer's sequence: `epoch` grows across the signer's restarts,
+ * `seq` counts its messages within an epoch. Every gossip message type carries it (stampOrigin), so
+ * that a receiver can drop replays: see ReplayGuard in announce.ts.
+ */
+export interface GossipOrigin { epoch: number, seq: number }
+
+export type DecodeResult<T> = { ok: true, value: T } | { ok: false, reason: 'too-large' | 'not-json' | 'version' | 'schema' | 'origin' | 'unknown-type' }
 
 // ---- schemas -------------------------------------------------------------------------------
 
@@ -89,12 +100,14 @@ const gossipSchema = z.discriminatedUnion('t', [
 ])
 
 const epoch = z.string().min(1).max(64)
+const tagName = z.tuple([name, name, z.string().min(1).max(128)])
 const frameSchema = z.discriminatedUnion('t', [
-  z.object({ t: z.literal('req'), epoch: epoch.optional(), gen: size.optional() }),
+  z.object({ t: z.literal('gone'), d: z.array(digest).max(FRAME_ENTRIES), g: z.array(tagName).max(FRAME_ENTRIES) }),
+  z.object({ t: z.literal('req'), epoch: epoch.optional(), gen: size.optional(), delta: z.boolean().optional() }),
   z.object({ t: z.literal('inv'), dataPort: port, epoch, gen: size, u: upstreamIds.optional() }),
   z.object({ t: z.literal('blobs'), m: z.unknown(), b: z.unknown() }),
   z.object({ t: z.literal('tags'), tags: z.array(tagEntry).max(FRAME_ENTRIES) }),
-  z.object({ t: z.literal('end'), blobs: size, tags: size, same: z.boolean().optional() }),
+  z.object({ t: z.literal('end'), blobs: size, tags: size, same: z.boolean().optional(), delta: z.boolean().optional(), gone: size.optional() }),
 ])
 
 // ---- decoding ------------------------------------------------------------------------------
@@ -109,10 +122,30 @@ function parseVersioned (data: Uint8Array, max: number): DecodeResult<Record<str
   return { ok: true, value: o }
 }
 
+/** `e` and `s` are reserved in every gossip message: the signer's origin (see stampOrigin). */
+const originSchema = z.object({ e: size, s: size })
+
+/** Decodes a gossip message together with its origin; a message without a valid origin is refused. */
+export function decodeAnnouncement (data: Uint8Array): DecodeResult<{ origin: GossipOrigin, message: GossipMessage }> {
+  const p = parseVersioned(data, MAX_GOSSIP_BYTES)
+  if (!p.ok) return p
+  const o = originSchema.safeParse(p.value)
+  if (!o.success) return { ok: false, reason: 'origin' }
+  const m = gossipBody(p.value)
+  return m.ok ? { ok: true, value: { origin: { epoch: o.data.e, seq: o.data.s }, message: m.value } } : m
+}
+
+/** Decodes a gossip message's body (its origin, if any, is not checked: see decodeAnnouncement). */
 export function decodeGossip (data: Uint8Array): DecodeResult<GossipMessage> {
   const p = parseVersioned(data, MAX_GOSSIP_BYTES)
   if (!p.ok) return p
-  const r = gossipSchema.safeParse(p.value)
+  return gossipBody(p.value)
+}
+
+function gossipBody (o: Record<string, unknown>): DecodeResult<GossipMessage> {
+  // A type this version does not know (a newer peer's) is told apart from a malformed message.
+  if (typeof o.t === 'string' && !gossipSchema.optionsMap.has(o.t)) return { ok: false, reason: 'unknown-type' }
+  const r = gossipSchema.safeParse(o)
   if (!r.success) return { ok: false, reason: 'schema' }
   const m = r.data
   switch (m.t) {
@@ -143,14 +176,15 @@ export function decodeFrame (line: Uint8Array): DecodeResult<InventoryFrame> {
   if (!r.success) return { ok: false, reason: 'schema' }
   const f = r.data
   switch (f.t) {
-    case 'req': return { ok: true, value: { v: 1, t: 'req', ...(f.epoch !== undefined ? { epoch: f.epoch } : {}), ...(f.gen !== undefined ? { gen: f.gen } : {}) } }
+    case 'req': return { ok: true, value: { v: 1, t: 'req', ...(f.epoch !== undefined ? { epoch: f.epoch } : {}), ...(f.gen !== undefined ? { gen: f.gen } : {}), ...(f.delta === true ? { delta: true } : {}) } }
     case 'inv': return { ok: true, value: { v: 1, t: 'inv', dataPort: f.dataPort, epoch: f.epoch, gen: f.gen, ...(f.u !== undefined ? { upstreams: f.u } : {}) } }
     case 'blobs': {
       const b = blobTable.safeParse({ m: f.m, b: f.b })
       return b.success ? { ok: true, value: { v: 1, t: 'blobs', blobs: b.data } } : { ok: false, reason: 'schema' }
     }
     case 'tags': return { ok: true, value: { v: 1, t: 'tags', tags: f.tags } }
-    case 'end': return { ok: true, value: { v: 1, t: 'end', blobs: f.blobs, tags: f.tags, same: f.same === true } }
+    case 'end': return { ok: true, value: { v: 1, t: 'end', blobs: f.blobs, tags: f.tags, same: f.same === true, ...(f.delta === true ? { delta: true, gone: f.gone ?? 0 } : {}) } }
+    case 'gone': return { ok: true, value: { v: 1, t: 'gone', blobs: f.d, tags: f.g.map(([upstream, repo, tag]) => ({ upstream, repo, tag })) } }
   }
 }
 
@@ -202,13 +236,28 @@ export const encodeHello = (dataPort: number, upstreams: string[] = []): Uint8Ar
 export const encodeFilling = (digest: Digest, size: number, ttlMs: number): Uint8Array => enc({ v: WIRE_VERSION, t: 'filling', digest, size, ttl: ttlMs })
 export const encodeUnfilling = (digest: Digest): Uint8Array => enc({ v: WIRE_VERSION, t: 'unfilling', digest })
 
+/**
+ * Adds the signer's origin to any encoded gossip message: `{...,"e":<epoch>,"s":<seq>}`. Appended last,
+ * so that it wins over any key of the same name in the body (JSON.parse keeps the last one).
+ */
+export function stampOrigin (data: Uint8Array, origin: GossipOrigin): Uint8Array {
+  if (data.byteLength < 2 || data[0] !== 0x7b || data[data.byteLength - 1] !== 0x7d) throw new TypeError('a gossip message is a JSON object')
+  const tail = Buffer.from(`${data.byteLength > 2 ? ',' : ''}"e":${origin.epoch},"s":${origin.seq}}`)
+  return Buffer.concat([data.subarray(0, data.byteLength - 1), tail])
+}
+/** Bytes stampOrigin adds at most. */
+export const ORIGIN_BYTES = 48
+
 /** Inventory frames are JSON lines; JSON.stringify never emits a raw newline. */
 const line = (o: unknown): Uint8Array => Buffer.from(JSON.stringify(o) + '\n', 'utf8')
-export const frameReq = (last?: { epoch: string, gen: number }): Uint8Array => line({ v: WIRE_VERSION, t: 'req', ...last })
+/** `delta`: the requester can apply a delta (older requesters cannot, and get a complete inventory). */
+export const frameReq = (last?: { epoch: string, gen: number }, delta = false): Uint8Array => line({ v: WIRE_VERSION, t: 'req', ...last, ...(delta ? { delta: true } : {}) })
 export const frameInv = (dataPort: number, epoch: string, gen: number, upstreams: string[] = []): Uint8Array => line({ v: WIRE_VERSION, t: 'inv', dataPort, epoch, gen, ...(upstreams.length > 0 ? { u: upstreams } : {}) })
 export const frameBlobs = (blobs: BlobEntry[]): Uint8Array => line({ v: WIRE_VERSION, t: 'blobs', ...table(blobs) })
 export const frameTags = (tags: TagEntry[]): Uint8Array => line({ v: WIRE_VERSION, t: 'tags', tags })
-export const frameEnd = (blobs: number, tags: number, same = false): Uint8Array => line({ v: WIRE_VERSION, t: 'end', blobs, tags, same })
+export const frameEnd = (blobs: number, tags: number, same = false, delta?: { gone: number }): Uint8Array =>
+  line({ v: WIRE_VERSION, t: 'end', blobs, tags, same, ...(delta !== undefined ? { delta: true, gone: delta.gone } : {}) })
+export const frameGone = (blobs: Digest[], tags: TagName[]): Uint8Array => line({ v: WIRE_VERSION, t: 'gone', d: blobs, g: tags.map(t => [t.upstream, t.repo, t.tag]) })
 
 /** Splits a byte stream into lines, refusing any line longer than maxLine. */
 export class LineSplitter {

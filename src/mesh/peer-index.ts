@@ -12,6 +12,13 @@ export interface PeerIndexInit {
   maxBlobsPerPeer?: number
   maxTagsPerPeer?: number
   maxPeers?: number
+  /**
+   * Budget for everything the index holds (entries and removal marks), in accounted bytes (see
+   * BLOB_COST / TAG_COST / MARK_COST). While it is full, a peer below its fair share (budget / connected
+   * peers) makes room by evicting the least useful entries of others; a peer at or above its share
+   * cannot push anything out. Default 128 MiB.
+   */
+  maxIndexBytes?: number
   /** Score decays toward 0 with this half-life. */
   scoreHalfLifeMs?: number
 }
@@ -47,7 +54,21 @@ interface PeerState {
   score: number
   scoreAt: number
   bytes: number
+  /** Accounted memory of this peer's entries and removal marks (counted in PeerIndex.used). */
+  cost: number
 }
+
+/**
+ * Accounted bytes per entry. Measured on Node 20 (heap after gc, entries parsed from JSON as gossip
+ * delivers them): a blob entry takes 170–230 bytes, a tag entry about 940 (its reverse-index set is
+ * most of it). The constants plus the strings' lengths stay at or above that: a blob is accounted at
+ * about 430 bytes, a tag at about 1,000.
+ */
+export const BLOB_COST = 320
+export const TAG_COST = 800
+export const MARK_COST = 160
+const blobCost = (d: string, mediaType: string): number => BLOB_COST + d.length + mediaType.length
+const tagCost = (e: TagEntry): number => TAG_COST + e.upstream.length + e.repo.length + e.tag.length + e.record.digest.length + e.record.mediaType.length
 
 const tagKey = (upstream: string, repo: string, tag: string): string => `${upstream}\u0000${repo}\u0000${tag}`
 
@@ -65,23 +86,117 @@ export class PeerIndex {
   private readonly maxBlobs: number
   private readonly maxTags: number
   private readonly maxPeers: number
+  private readonly maxBytes: number
   private readonly halfLife: number
+  /** Accounted bytes of all entries and marks. */
+  private used = 0
+  private connectedCount = 0
+  /** Entries refused or evicted because the budget was full (for diagnostics). */
+  readonly evictions = { refused: 0, evicted: 0, peersEvicted: 0 }
 
   constructor (private readonly init: PeerIndexInit) {
     this.maxBlobs = init.maxBlobsPerPeer ?? 100_000
     this.maxTags = init.maxTagsPerPeer ?? 10_000
     this.maxPeers = init.maxPeers ?? 1024
+    this.maxBytes = init.maxIndexBytes ?? 128 * 1024 * 1024
     this.halfLife = init.scoreHalfLifeMs ?? 10 * 60_000
   }
 
   private peer (peerId: string, now: number, create = true): PeerState | undefined {
     let p = this.peers.get(peerId)
-    if (p === undefined && create && this.peers.size < this.maxPeers) {
-      p = { peerId, blobs: new Map(), tags: new Map(), removedAt: new Map(), filling: new Map(), upstreams: [], withdrawnAt: 0, addrs: [], connected: false, disconnectedAt: now, lastSeen: now, score: 0, scoreAt: now, bytes: 0 }
+    if (p === undefined && create) {
+      // All slots taken: the least useful peer (disconnected, then lowest score, then least recently
+      // seen) makes room; a newcomer is never silently ignored.
+      if (this.peers.size >= this.maxPeers) {
+        const victim = this.leastUsefulPeer(now)
+        if (victim === undefined) return undefined
+        this.forget(victim.peerId)
+        this.evictions.peersEvicted++
+      }
+      p = { peerId, blobs: new Map(), tags: new Map(), removedAt: new Map(), filling: new Map(), upstreams: [], withdrawnAt: 0, addrs: [], connected: false, disconnectedAt: now, lastSeen: now, score: 0, scoreAt: now, bytes: 0, cost: 0 }
       this.peers.set(peerId, p)
     }
     if (p !== undefined) p.lastSeen = Math.max(p.lastSeen, now)
     return p
+  }
+
+  private leastUsefulPeer (now: number): PeerState | undefined {
+    let best: PeerState | undefined
+    let bestKey: [number, number, number] | undefined
+    for (const p of this.peers.values()) {
+      const key: [number, number, number] = [p.connected ? 1 : 0, this.scoreOf(p, now), p.connected ? p.lastSeen : p.disconnectedAt]
+      if (bestKey === undefined || key[0] < bestKey[0] || (key[0] === bestKey[0] && (key[1] < bestKey[1] || (key[1] === bestKey[1] && key[2] < bestKey[2])))) {
+        best = p; bestKey = key
+      }
+    }
+    return best
+  }
+
+  // ---- memory budget ----
+
+  /** A connected peer's fair share of the budget. */
+  fairShare (): number {
+    return Math.floor(this.maxBytes / Math.max(1, this.connectedCount))
+  }
+
+  /** Makes room for `cost` more bytes for peer p; false if p may not have them. */
+  private reserve (p: PeerState, cost: number, now: number): boolean {
+    if (this.used + cost <= this.maxBytes) return true
+    const fair = this.fairShare()
+    // At or above its share, a peer cannot push others out (it may still use free space, above).
+    if (p.cost + cost > fair) { this.evictions.refused++; return false }
+    while (this.used + cost > this.maxBytes) {
+      const victim = this.victim(p, fair, now)
+      if (victim === undefined) { this.evictions.refused++; return false }
+      // Oldest entries first (Map order is insertion order): blobs, then marks, then tags.
+      const before = victim.cost
+      while (this.used + cost > this.maxBytes && (!victim.connected || victim.cost > fair)) {
+        const d = victim.blobs.keys().next()
+        if (d.done !== true) { this.dropBlob(victim, d.value); this.evictions.evicted++; continue }
+        const m = victim.removedAt.keys().next()
+        if (m.done !== true) { this.dropMark(victim, m.value); continue }
+        const t = victim.tags.keys().next()
+        if (t.done !== true) { this.dropTag(victim, t.value); this.evictions.evicted++; continue }
+        break
+      }
+      if (victim.cost === before) { this.evictions.refused++; return false }
+    }
+    return true
+  }
+
+  /** Whose entries go first: disconnected peers (longest gone first), then connected peers above their share (lowest score, then largest). */
+  private victim (self: PeerState, fair: number, now: number): PeerState | undefined {
+    let best: PeerState | undefined
+    let bestKey: [number, number, number] | undefined
+    for (const q of this.peers.values()) {
+      if (q === self || q.cost === 0) continue
+      if (q.connected && q.cost <= fair) continue
+      const key: [number, number, number] = [q.connected ? 1 : 0, q.connected ? this.scoreOf(q, now) : q.disconnectedAt, -q.cost]
+      if (bestKey === undefined || key[0] < bestKey[0] || (key[0] === bestKey[0] && (key[1] < bestKey[1] || (key[1] === bestKey[1] && key[2] < bestKey[2])))) {
+        best = q; bestKey = key
+      }
+    }
+    return best
+  }
+
+  private setMark (p: PeerState, d: Digest, now: number): void {
+    if (p.removedAt.has(d)) { p.removedAt.set(d, now); return }
+    if (p.removedAt.size >= this.maxBlobs) return
+    const c = MARK_COST + d.length
+    if (!this.reserve(p, c, now)) return // a mark is an optimisation: skip it rather than evict for it
+    p.removedAt.set(d, now)
+    p.cost += c; this.used += c
+  }
+
+  private dropMark (p: PeerState, d: Digest): void {
+    if (!p.removedAt.delete(d)) return
+    const c = MARK_COST + d.length
+    p.cost -= c; this.used -= c
+  }
+
+  /** Accounted bytes in use, and the budget. */
+  memory (): { used: number, max: number, fairShare: number } {
+    return { used: this.used, max: this.maxBytes, fairShare: this.fairShare() }
   }
 
   // ---- connection state ----
@@ -89,6 +204,7 @@ export class PeerIndex {
   connected (peerId: string, host: string | undefined, addrs: string[], now: number): void {
     const p = this.peer(peerId, now)
     if (p === undefined) return
+    if (!p.connected) this.connectedCount++
     p.connected = true
     if (host !== undefined) p.host = host
     if (addrs.length > 0) p.addrs = addrs
@@ -97,6 +213,7 @@ export class PeerIndex {
   disconnected (peerId: string, now: number): void {
     const p = this.peers.get(peerId)
     if (p === undefined) return
+    if (p.connected) this.connectedCount--
     p.connected = false
     p.disconnectedAt = now
   }
@@ -135,38 +252,53 @@ export class PeerIndex {
     const old = p.blobs.get(b.digest)
     if (old === undefined) {
       if (p.blobs.size >= this.maxBlobs) return
+      const c = blobCost(b.digest, b.mediaType)
+      if (!this.reserve(p, c, now)) return
+      p.cost += c; this.used += c
       let set = this.byDigest.get(b.digest)
       if (set === undefined) { set = new Set(); this.byDigest.set(b.digest, set) }
       set.add(p.peerId)
+      p.blobs.set(b.digest, { size: b.size, mediaType: b.mediaType, expires: now + this.init.entryTtlMs, refreshedAt: now })
     } else {
       p.bytes -= old.size
+      // same cost as before unless the media type changed (an update keeps the entry's place and cost basis)
+      const delta = b.mediaType.length - old.mediaType.length
+      p.cost += delta; this.used += delta
+      old.size = b.size; old.mediaType = b.mediaType; old.expires = now + this.init.entryTtlMs; old.refreshedAt = now
     }
     p.filling.delete(b.digest)
-    p.blobs.set(b.digest, { size: b.size, mediaType: b.mediaType, expires: now + this.init.entryTtlMs, refreshedAt: now })
     p.bytes += b.size
-    p.removedAt.delete(b.digest)
+    this.dropMark(p, b.digest)
   }
 
   removeBlobs (peerId: string, digests: Digest[], now: number): void {
     const p = this.peer(peerId, now, false)
     if (p === undefined) return
     for (const d of digests) {
+      // The mark stops an inventory in flight from bringing the entry back; marks count against the budget.
       this.dropBlob(p, d)
-      if (p.removedAt.size < this.maxBlobs) p.removedAt.set(d, now)
+      this.setMark(p, d, now)
     }
   }
 
-  private dropBlob (p: PeerState, d: Digest): void {
+  private dropBlob (p: PeerState, d: Digest): boolean {
     const old = p.blobs.get(d)
-    if (old === undefined) return
+    if (old === undefined) return false
     p.blobs.delete(d)
     p.bytes -= old.size
+    const c = blobCost(d, old.mediaType)
+    p.cost -= c; this.used -= c
     const set = this.byDigest.get(d)
     if (set !== undefined) { set.delete(p.peerId); if (set.size === 0) this.byDigest.delete(d) }
+    return true
   }
 
   private dropTag (p: PeerState, key: string): void {
-    if (!p.tags.delete(key)) return
+    const old = p.tags.get(key)
+    if (old === undefined) return
+    p.tags.delete(key)
+    const c = tagCost(old.entry)
+    p.cost -= c; this.used -= c
     const set = this.byTag.get(key)
     if (set !== undefined) { set.delete(p.peerId); if (set.size === 0) this.byTag.delete(key) }
   }
@@ -178,7 +310,7 @@ export class PeerIndex {
     for (const d of [...p.blobs.keys()]) this.dropBlob(p, d)
     for (const k of [...p.tags.keys()]) this.dropTag(p, k)
     p.filling.clear()
-    p.removedAt.clear()
+    for (const d of [...p.removedAt.keys()]) this.dropMark(p, d)
     p.withdrawnAt = now
   }
 
@@ -190,15 +322,21 @@ export class PeerIndex {
     if (entry.record.verifiedAt > now + MAX_CLOCK_SKEW_MS) entry = { ...entry, record: { ...entry.record, verifiedAt: now + MAX_CLOCK_SKEW_MS } }
     const key = tagKey(entry.upstream, entry.repo, entry.tag)
     const old = p.tags.get(key)
+    const c = tagCost(entry)
     if (old === undefined) {
       if (p.tags.size >= this.maxTags) return
+      if (!this.reserve(p, c, now)) return
       let set = this.byTag.get(key)
       if (set === undefined) { set = new Set(); this.byTag.set(key, set) }
       set.add(peerId)
     } else if (old.entry.record.verifiedAt > entry.record.verifiedAt) {
       old.expires = now + this.init.entryTtlMs // an older confirmation arrived late: keep the newer one
       return
+    } else {
+      const oc = tagCost(old.entry)
+      p.cost -= oc; this.used -= oc
     }
+    p.cost += c; this.used += c
     p.tags.set(key, { entry, expires: now + this.init.entryTtlMs, refreshedAt: now })
   }
 
@@ -225,7 +363,33 @@ export class PeerIndex {
     for (const [k, slot] of [...p.tags]) {
       if (!keepTags.has(k) && slot.refreshedAt < startedAt) this.dropTag(p, k)
     }
-    for (const [d, at] of [...p.removedAt]) if (at < startedAt) p.removedAt.delete(d)
+    for (const [d, at] of [...p.removedAt]) if (at < startedAt) this.dropMark(p, d)
+  }
+
+  /**
+   * Applies an inventory delta requested at `startedAt`: entries changed since the requester's last
+   * exchange are put, entries gone since then are dropped, and every other entry is confirmed.
+   */
+  applyDelta (peerId: string, blobs: BlobEntry[], tags: TagEntry[], goneBlobs: Digest[], goneTags: Array<{ upstream: string, repo: string, tag: string }>, startedAt: number, now: number): void {
+    const p = this.peer(peerId, now)
+    if (p === undefined) return
+    if (p.withdrawnAt >= startedAt) return
+    this.refreshAll(peerId, now)
+    for (const b of blobs) {
+      const removed = p.removedAt.get(b.digest)
+      if (removed !== undefined && removed >= startedAt) continue
+      this.putBlob(p, b, now)
+    }
+    for (const t of tags) this.putTag(peerId, t, now)
+    for (const d of goneBlobs) {
+      const slot = p.blobs.get(d)
+      if (slot !== undefined && slot.refreshedAt < startedAt) this.dropBlob(p, d)
+    }
+    for (const t of goneTags) {
+      const k = tagKey(t.upstream, t.repo, t.tag)
+      const slot = p.tags.get(k)
+      if (slot !== undefined && slot.refreshedAt < startedAt) this.dropTag(p, k)
+    }
   }
 
   /** The peer confirmed its holdings are unchanged since its last complete inventory: extend every entry. */
@@ -265,7 +429,7 @@ export class PeerIndex {
       }
       for (const [d, slot] of [...p.blobs]) if (slot.expires <= now) this.dropBlob(p, d)
       for (const [k, slot] of [...p.tags]) if (slot.expires <= now) this.dropTag(p, k)
-      for (const [d, at] of [...p.removedAt]) if (now - at > this.init.entryTtlMs) p.removedAt.delete(d)
+      for (const [d, at] of [...p.removedAt]) if (now - at > this.init.entryTtlMs) this.dropMark(p, d)
       for (const [d, slot] of [...p.filling]) if (slot.expires <= now) p.filling.delete(d)
     }
   }
@@ -274,6 +438,7 @@ export class PeerIndex {
     const p = this.peers.get(peerId)
     if (p === undefined) return
     this.removeAll(peerId, 0)
+    if (p.connected) this.connectedCount--
     this.peers.delete(peerId)
   }
 
@@ -351,6 +516,8 @@ export class PeerIndex {
         connected: p.connected,
         blobs: p.blobs.size,
         bytes: p.bytes,
+        tags: p.tags.size,
+        indexBytes: p.cost,
         score: Math.round(this.scoreOf(p, now) * 100) / 100,
         lastSeen: p.lastSeen,
       }
@@ -358,5 +525,10 @@ export class PeerIndex {
   }
 
   has (peerId: string): boolean { return this.peers.has(peerId) }
+  /** The peer's score as the data path reported it (decayed); 0 for an unknown peer. */
+  score (peerId: string, now: number): number {
+    const p = this.peers.get(peerId)
+    return p === undefined ? 0 : this.scoreOf(p, now)
+  }
   touch (peerId: string, now: number): void { this.peer(peerId, now, false) }
 }

@@ -15,7 +15,13 @@ export interface MeshPeerStatus {
   connected: boolean
   blobs: number
   bytes: number
+  /** Tag records indexed from this peer. */
+  tags?: number
+  /** Accounted index memory this peer's entries take (bytes). */
+  indexBytes?: number
   score: number
+  /** gossipsub's own score of the peer (below -400 its gossip is ignored altogether). */
+  gossipScore?: number
   /** ms since epoch of the last message, inventory or connection event from this peer. */
   lastSeen: number
 }
@@ -71,4 +77,10 @@ export interface MeshInit {
   peerTtlMs?: number
   /** How often holdings are re-fetched from connected peers (default 60 s). Entries expire after 3 intervals. */
   inventoryIntervalMs?: number
+  /** Budget of the peer index in accounted bytes (default 128 MiB), shared fairly between connected peers. */
+  indexBudgetBytes?: number
+  /** Gossip accepted per signer (and 4× per forwarder); see DEFAULT_GOSSIP_LIMITS in announce.ts. */
+  gossipLimits?: { messagesPerSec?: number, messagesBurst?: number, bytesPerSec?: number, bytesBurst?: number, forwarderFactor?: number }
+  /** How long gossipsub remembers a message id (default 2 min); replays after it are stopped by the sequence check. For tests. */
+  gossipSeenTtlMs?: number
 }

@@ -114,6 +114,10 @@ async function startRawPeer (target: TestNode): Promise<Libp2p<{ identify: Ident
 }
 
 const json = (o: unknown): Uint8Array => Buffer.from(JSON.stringify(o))
+/** A gossip message as a pullmesh node sends it: with its signer's origin (epoch, seq). */
+let rawSeq = 0
+const rawEpoch = Date.now()
+const ann = (o: Record<string, unknown>): Uint8Array => json({ ...o, e: rawEpoch, s: rawSeq++ })
 
 describe('mesh (real libp2p on loopback, real store)', () => {
   it('announces adds, removes and tags; never private content', async () => {
@@ -229,8 +233,8 @@ describe('mesh (real libp2p on loopback, real store)', () => {
     const raw = await startRawPeer(a)
     const rawId = raw.peerId.toString()
     const d2 = sha256Of(randomBytes(16))
-    await raw.services.pubsub.publish(ANNOUNCE_TOPIC, json({ v: 1, t: 'hello', dataPort: 5050 }))
-    await raw.services.pubsub.publish(ANNOUNCE_TOPIC, json({ v: 1, t: 'add', m: [LAYER], b: [[d2, 16, 0]] }))
+    await raw.services.pubsub.publish(ANNOUNCE_TOPIC, ann({ v: 1, t: 'hello', dataPort: 5050 }))
+    await raw.services.pubsub.publish(ANNOUNCE_TOPIC, ann({ v: 1, t: 'add', m: [LAYER], b: [[d2, 16, 0]] }))
     await waitFor('A learns raw peer holdings', () => holderIds(a, d2).includes(rawId))
     expect(a.mesh.holders(d2)).toEqual([{ peerId: rawId, dataUrl: 'http://127.0.0.1:5050' }])
     await raw.stop()
@@ -250,25 +254,26 @@ describe('mesh (real libp2p on loopback, real store)', () => {
     const good = sha256Of(randomBytes(16))
     const bad = sha256Of(randomBytes(16))
     const pub = async (data: Uint8Array): Promise<void> => { await raw.services.pubsub.publish(ANNOUNCE_TOPIC, data) }
-    await pub(json({ v: 1, t: 'hello', dataPort: 5051 }))
-    await pub(json({ v: 1, t: 'add', m: [LAYER], b: [[bad, 1, 0]], pad: 'x'.repeat(70 * 1024) })) // > 64 KiB
+    await pub(ann({ v: 1, t: 'hello', dataPort: 5051 }))
+    await pub(ann({ v: 1, t: 'add', m: [LAYER], b: [[bad, 1, 0]], pad: 'x'.repeat(70 * 1024) })) // > 64 KiB
     await pub(Buffer.from('{"v":1,"t":"add",')) // not JSON
     await pub(Buffer.from([0xff, 0xfe, 0x00, 0x01]))
-    await pub(json({ v: 2, t: 'add', m: [LAYER], b: [[bad, 1, 0]] })) // future version
-    await pub(json({ t: 'add', m: [LAYER], b: [[bad, 1, 0]] })) // no version
-    await pub(json({ v: 1, t: 'add', m: [LAYER], b: [['sha256:zz', 1, 0]] })) // bad digest
-    await pub(json({ v: 1, t: 'add', m: [LAYER], b: [[bad, -1, 0]] })) // bad size
-    await pub(json({ v: 1, t: 'add', m: [LAYER], b: [[bad, 1, 7]] })) // bad media type index
-    await pub(json({ v: 1, t: 'nuke' }))
+    await pub(ann({ v: 2, t: 'add', m: [LAYER], b: [[bad, 1, 0]] })) // future version
+    await pub(ann({ t: 'add', m: [LAYER], b: [[bad, 1, 0]] })) // no version
+    await pub(json({ v: 1, t: 'add', m: [LAYER], b: [[bad, 1, 0]] })) // no origin (epoch, seq)
+    await pub(ann({ v: 1, t: 'add', m: [LAYER], b: [['sha256:zz', 1, 0]] })) // bad digest
+    await pub(ann({ v: 1, t: 'add', m: [LAYER], b: [[bad, -1, 0]] })) // bad size
+    await pub(ann({ v: 1, t: 'add', m: [LAYER], b: [[bad, 1, 7]] })) // bad media type index
+    await pub(ann({ v: 1, t: 'nuke' })) // a type we do not know: ignored, not penalised
     await pub(json([1, 2, 3]))
-    await pub(json({ v: 1, t: 'tag', upstream: 'u', repo: 'r', tag: 't', record: { digest: 'nope', mediaType: MANIFEST, size: 1, verifiedAt: 1 } }))
-    await pub(json({ v: 1, t: 'add', m: [LAYER], b: [[good, 1, 0]] }))
+    await pub(ann({ v: 1, t: 'tag', upstream: 'u', repo: 'r', tag: 't', record: { digest: 'nope', mediaType: MANIFEST, size: 1, verifiedAt: 1 } }))
+    await pub(ann({ v: 1, t: 'add', m: [LAYER], b: [[good, 1, 0]] }))
     await waitFor('valid message after the junk', () => holderIds(a, good).includes(rawId))
     expect(a.mesh.holders(bad)).toEqual([])
     expect(a.mesh.tagRecords('u', 'r', 't')).toEqual([])
     const dropped = a.mesh.counters().gossipDropped
     console.log('[mesh] dropped by reason:', JSON.stringify(dropped))
-    expect(dropped).toMatchObject({ 'too-large': 1, 'not-json': 2, version: 2, schema: 6 })
+    expect(dropped).toMatchObject({ 'too-large': 1, 'not-json': 2, version: 2, origin: 1, schema: 5, 'unknown-type': 1 })
     // still healthy: a real peer is served as usual
     const b = await startNode({ bootstrap: [a] })
     const d = await putBlob(b.store)

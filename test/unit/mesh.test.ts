@@ -7,9 +7,12 @@ import { sha256Of, type Digest } from '../../src/oci/digest.js'
 import {
   MAX_GOSSIP_BYTES, MAX_FRAME_BYTES, LineSplitter, FrameTooLargeError, decodeGossip, decodeFrame,
   encodeAdds, encodeRemoves, encodeRemoveAll, encodeTag, encodeHello, frameReq, frameInv, frameBlobs, frameTags, frameEnd,
+  frameGone, decodeAnnouncement, stampOrigin, ORIGIN_BYTES,
   type BlobEntry, type TagEntry,
 } from '../../src/mesh/messages.js'
-import { MAX_CLOCK_SKEW_MS, PeerIndex, formatDataUrl } from '../../src/mesh/peer-index.js'
+import { BLOB_COST, MAX_CLOCK_SKEW_MS, PeerIndex, formatDataUrl } from '../../src/mesh/peer-index.js'
+import { RateLimiter, ReplayGuard, TokenBucket, nextEpoch } from '../../src/mesh/announce.js'
+import { LocalHoldings } from '../../src/mesh/inventory.js'
 import { loadOrCreatePeerKey, PeerKeyError } from '../../src/mesh/peer-key.js'
 import { generateMeshKey } from '../../src/mesh/mesh.js'
 
@@ -60,7 +63,6 @@ describe('mesh messages', () => {
     const bad = [
       { v: 1, t: 'hello', dataPort: 0 },
       { v: 1, t: 'hello', dataPort: 70000 },
-      { v: 1, t: 'what' },
       { v: 1, t: 'add', m: [LAYER], b: [['md5:abc', 1, 0]] },
       { v: 1, t: 'add', m: [LAYER], b: [[d.toUpperCase(), 1, 0]] },
       { v: 1, t: 'add', m: [LAYER], b: [[d, 1.5, 0]] },
@@ -72,18 +74,21 @@ describe('mesh messages', () => {
       { v: 1, t: 'tag', upstream: 'u', repo: 'r', tag: 't', record: { digest: d, mediaType: 'x', size: 1 } },
     ]
     for (const m of bad) expect(decodeGossip(json(m))).toEqual({ ok: false, reason: 'schema' })
+    // a type this version does not know (a newer peer's) is not malformed: it is ignored without penalty
+    expect(decodeGossip(json({ v: 1, t: 'what' }))).toEqual({ ok: false, reason: 'unknown-type' })
   })
 
   it('inventory frames round-trip and the line splitter bounds lines', () => {
     const blobs = [blob(), blob()]
     const tags = [tag()]
-    const stream = Buffer.concat([frameReq({ epoch: 'e1', gen: 3 }), frameInv(5050, 'abc', 7), frameBlobs(blobs), frameTags(tags), frameEnd(2, 1)])
+    const stream = Buffer.concat([frameReq({ epoch: 'e1', gen: 3 }), frameReq(undefined, true), frameInv(5050, 'abc', 7), frameBlobs(blobs), frameTags(tags), frameEnd(2, 1)])
     const sp = new LineSplitter(MAX_FRAME_BYTES)
     const lines: Buffer[] = []
     for (let i = 0; i < stream.length; i += 7) lines.push(...sp.push(stream.subarray(i, i + 7))) // arbitrary chunking
     expect(sp.hasPartial).toBe(false)
     expect(lines.map(l => decodeFrame(l))).toEqual([
       { ok: true, value: { v: 1, t: 'req', epoch: 'e1', gen: 3 } },
+      { ok: true, value: { v: 1, t: 'req', delta: true } },
       { ok: true, value: { v: 1, t: 'inv', dataPort: 5050, epoch: 'abc', gen: 7 } },
       { ok: true, value: { v: 1, t: 'blobs', blobs } },
       { ok: true, value: { v: 1, t: 'tags', tags } },
@@ -216,5 +221,195 @@ describe('peer key', () => {
     const t = tag('future', 9e15)
     ix.putTag('liar', t, now)
     expect(ix.tagRecords('docker.io', 'library/alpine', 'future', now)[0]!.record.verifiedAt).toBe(now + MAX_CLOCK_SKEW_MS)
+  })
+})
+
+describe('gossip origin and inventory deltas (wire)', () => {
+  it('every gossip type carries its origin (epoch, seq); a message without one is refused', () => {
+    const o = { epoch: 1_767_000_000_123, seq: 42 }
+    const t = tag()
+    const blobs = [blob(1), blob(2, CONFIG)]
+    const msgs = [...encodeAdds(blobs), ...encodeRemoves([dig()]), encodeRemoveAll(), encodeTag(t), encodeHello(5050)]
+    for (const m of msgs) {
+      const r = decodeAnnouncement(stampOrigin(m, o))
+      expect(r).toEqual({ ok: true, value: { origin: o, message: (decodeGossip(m) as { value: unknown }).value } })
+      expect(decodeAnnouncement(m)).toEqual({ ok: false, reason: 'origin' })
+    }
+    // the stamp is appended last, so a body that tries to set its own e/s cannot override it
+    const sneaky = stampOrigin(json({ v: 1, t: 'hello', dataPort: 1, e: 9e15, s: 9e15 }), o)
+    expect(decodeAnnouncement(sneaky)).toMatchObject({ ok: true, value: { origin: o } })
+    expect(decodeAnnouncement(json({ v: 1, t: 'hello', dataPort: 1, e: -1, s: 0 }))).toEqual({ ok: false, reason: 'origin' })
+    expect(decodeAnnouncement(json({ v: 1, t: 'hello', dataPort: 1, e: 1, s: 0.5 }))).toEqual({ ok: false, reason: 'origin' })
+    expect(stampOrigin(encodeHello(1), o).byteLength - encodeHello(1).byteLength).toBeLessThanOrEqual(ORIGIN_BYTES)
+  })
+
+  it('delta frames (gone, end with delta) round-trip', () => {
+    const ds = [dig(), dig()]
+    const names = [{ upstream: 'docker.io', repo: 'library/alpine', tag: '3.20' }]
+    const sp = new LineSplitter(MAX_FRAME_BYTES)
+    const lines = sp.push(Buffer.concat([frameGone(ds, names), frameEnd(0, 0, false, { gone: 3 })]))
+    expect(lines.map(l => decodeFrame(l))).toEqual([
+      { ok: true, value: { v: 1, t: 'gone', blobs: ds, tags: names } },
+      { ok: true, value: { v: 1, t: 'end', blobs: 0, tags: 0, same: false, delta: true, gone: 3 } },
+    ])
+    expect(decodeFrame(json({ v: 1, t: 'gone', d: ['sha256:12'], g: [] }))).toEqual({ ok: false, reason: 'schema' })
+  })
+})
+
+describe('replay guard', () => {
+  it('takes each (epoch, seq) once, tolerates reordering within the window, and a restart', () => {
+    const g = new ReplayGuard()
+    const e1 = 1_000
+    expect(g.accept('a', { epoch: e1, seq: 0 })).toBe(true)
+    expect(g.accept('a', { epoch: e1, seq: 0 })).toBe(false) // exact replay
+    expect(g.accept('a', { epoch: e1, seq: 5 })).toBe(true)
+    expect(g.accept('a', { epoch: e1, seq: 3 })).toBe(true) // late, but not seen before: reordered on the way
+    expect(g.accept('a', { epoch: e1, seq: 3 })).toBe(false)
+    expect(g.accept('a', { epoch: e1, seq: 100 })).toBe(true)
+    expect(g.accept('a', { epoch: e1, seq: 36 })).toBe(false) // before the 64-message window
+    expect(g.accept('a', { epoch: e1, seq: 37 })).toBe(true) // just inside it
+    // the signer restarts: a newer epoch starts again from seq 0
+    expect(g.accept('a', { epoch: e1 + 10, seq: 0 })).toBe(true)
+    expect(g.accept('a', { epoch: e1 + 10, seq: 1 })).toBe(true)
+    // anything from the old epoch is now a replay, however high its seq
+    expect(g.accept('a', { epoch: e1, seq: 101 })).toBe(false)
+    expect(g.accept('a', { epoch: e1, seq: 1e9 })).toBe(false)
+    // signers are independent
+    expect(g.accept('b', { epoch: e1, seq: 0 })).toBe(true)
+  })
+
+  it('a restart on the same data dir gets a higher epoch even if the clock went back', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'pullmesh-epoch-'))
+    try {
+      const first = await nextEpoch(dir, 5_000)
+      const second = await nextEpoch(dir, 4_000) // clock stepped back
+      const third = await nextEpoch(dir, 9_000)
+      expect(first).toBe(5_000)
+      expect(second).toBe(5_001)
+      expect(third).toBe(9_000)
+    } finally {
+      await rm(dir, { recursive: true, force: true })
+    }
+  })
+})
+
+describe('gossip rate limits', () => {
+  it('token buckets bound messages and bytes per key, refilling over time', () => {
+    const l = { messagesPerSec: 10, messagesBurst: 20, bytesPerSec: 1000, bytesBurst: 5000, forwarderFactor: 4 }
+    const r = new RateLimiter(l)
+    let ok = 0
+    for (let i = 0; i < 100; i++) if (r.allow('a', 10, 0)) ok++
+    expect(ok).toBe(20) // the burst
+    expect(r.allow('b', 10, 0)).toBe(true) // another key has its own bucket
+    expect(r.allow('a', 10, 100)).toBe(true) // 100 ms later: one more message
+    expect(r.allow('a', 10, 100)).toBe(false)
+    // bytes: 5000 burst, then 1000/s
+    expect(r.allow('c', 4000, 0)).toBe(true)
+    expect(r.allow('c', 2000, 0)).toBe(false)
+    expect(r.allow('c', 2000, 1000)).toBe(true)
+    // a refused message does not use up a message token
+    const f = new RateLimiter(l, l.forwarderFactor)
+    let fok = 0
+    for (let i = 0; i < 200; i++) if (f.allow('x', 1, 0)) fok++
+    expect(fok).toBe(80)
+    const b = new TokenBucket(10, 10, 0)
+    expect(b.take(10, 0)).toBe(true)
+    expect(b.waitFor(1, 0)).toBe(100)
+  })
+})
+
+describe('local holdings', () => {
+  const rec = (d: Digest, verifiedAt: number): { digest: Digest, mediaType: string, size: number, verifiedAt: number, private: boolean } => ({ digest: d, mediaType: 'application/vnd.oci.image.index.v1+json', size: 500, verifiedAt, private: false })
+
+  it('a revalidated tag or a blob added again changes nothing; deltas carry adds, changes and removals', () => {
+    const h = new LocalHoldings(3)
+    const b1 = blob()
+    const d1 = dig()
+    expect(h.apply({ type: 'added', info: { ...b1, private: false } as never })).toMatchObject({ type: 'added' })
+    expect(h.apply({ type: 'tag', upstream: 'docker.io', repo: 'r', tag: 't', record: rec(d1, 1) })).toMatchObject({ type: 'tag' })
+    const g = h.gen
+    // the same again: no change, nothing to announce, same generation
+    expect(h.apply({ type: 'added', info: { ...b1, private: false } as never })).toBeUndefined()
+    expect(h.apply({ type: 'tag', upstream: 'docker.io', repo: 'r', tag: 't', record: rec(d1, 2) })).toBeUndefined()
+    expect(h.gen).toBe(g)
+    expect(h.changedSince(g)).toEqual({ blobs: [], tags: [], goneBlobs: [], goneTags: [] })
+    // private content never enters, and its removal is never announced
+    const p = blob()
+    expect(h.apply({ type: 'added', info: { ...p, private: true } as never })).toBeUndefined()
+    expect(h.apply({ type: 'removed', digest: p.digest })).toBeUndefined()
+    // a real change
+    const d2 = dig()
+    const b2 = blob()
+    h.apply({ type: 'tag', upstream: 'docker.io', repo: 'r', tag: 't', record: rec(d2, 3) })
+    h.apply({ type: 'added', info: { ...b2, private: false } as never })
+    expect(h.apply({ type: 'removed', digest: b1.digest })).toEqual({ type: 'removed', digest: b1.digest })
+    const delta = h.changedSince(g)!
+    expect(delta.blobs).toEqual([b2])
+    expect(delta.tags.map(t => t.record.digest)).toEqual([d2])
+    expect(delta.goneBlobs).toEqual([b1.digest])
+    expect(h.changedSince(h.gen + 1)).toBeUndefined() // a generation we never had
+    // more removals than remembered (3): a requester from before the oldest remembered one gets everything
+    for (let i = 0; i < 4; i++) { const x = blob(); h.apply({ type: 'added', info: { ...x, private: false } as never }); h.apply({ type: 'removed', digest: x.digest }) }
+    expect(h.changedSince(g)).toBeUndefined()
+    expect([...h.listBlobs()]).toEqual([b2])
+  })
+})
+
+describe('peer index budget', () => {
+  const mkIx = (maxIndexBytes: number, extra: Partial<{ maxPeers: number }> = {}): PeerIndex => new PeerIndex({ peerTtlMs: 1_000, entryTtlMs: 60_000, maxIndexBytes, ...extra })
+  const peerBlobs = (ix: PeerIndex, id: string): number => ix.status(1).find(p => p.peerId === id)?.blobs ?? 0
+
+  it('bounds total memory; a peer under its fair share evicts the heaviest peer\'s oldest entries, a peer at its share cannot', () => {
+    const perBlob = BLOB_COST + dig().length + LAYER.length
+    const budget = 100 * perBlob
+    const ix = mkIx(budget)
+    for (const id of ['hostile', 'real']) { ix.connected(id, '10.0.0.1', [], 0); ix.setDataPort(id, 1, 0) }
+    const junk = Array.from({ length: 1_000 }, () => blob())
+    ix.addBlobs('hostile', junk, 0)
+    expect(peerBlobs(ix, 'hostile')).toBe(100) // free space may be used, but never beyond the budget
+    expect(ix.memory().used).toBeLessThanOrEqual(budget)
+    const mine = Array.from({ length: 50 }, () => blob())
+    ix.addBlobs('real', mine, 1)
+    for (const b of mine) expect(ix.holders(b.digest, 2).map(h => h.peerId)).toEqual(['real'])
+    expect(peerBlobs(ix, 'hostile')).toBe(50)
+    // the hostile peer's oldest entries went first
+    expect(ix.holders(junk[0]!.digest, 2)).toEqual([])
+    expect(ix.holders(junk[99]!.digest, 2).map(h => h.peerId)).toEqual(['hostile'])
+    // at its share, the hostile peer cannot push the real one out
+    ix.addBlobs('hostile', Array.from({ length: 100 }, () => blob()), 3)
+    expect(peerBlobs(ix, 'real')).toBe(50)
+    expect(ix.memory().used).toBeLessThanOrEqual(budget)
+    // a disconnected peer's entries are the first to go
+    ix.disconnected('hostile', 4)
+    ix.connected('third', '10.0.0.3', [], 4)
+    ix.addBlobs('third', Array.from({ length: 30 }, () => blob()), 5)
+    expect(peerBlobs(ix, 'third')).toBe(30)
+    expect(peerBlobs(ix, 'real')).toBe(50)
+    expect(peerBlobs(ix, 'hostile')).toBe(20)
+    // tags count too
+    ix.putTag('third', tag('x'), 6)
+    expect(ix.tagRecords('docker.io', 'library/alpine', 'x', 6)).toHaveLength(1)
+    expect(ix.memory().used).toBeLessThanOrEqual(budget)
+  })
+
+  it('when every peer slot is taken, a newcomer takes the least useful slot instead of being ignored', () => {
+    const ix = mkIx(1024 * 1024, { maxPeers: 3 })
+    for (const id of ['gone1', 'gone2', 'bad']) { ix.connected(id, '10.0.0.1', [], 0); ix.setDataPort(id, 1, 0); ix.addBlobs(id, [blob()], 0) }
+    ix.disconnected('gone1', 1)
+    ix.disconnected('gone2', 2)
+    const b = blob()
+    ix.connected('real', '10.0.0.9', [], 3)
+    ix.setDataPort('real', 1, 3)
+    ix.addBlobs('real', [b], 3)
+    expect(ix.holders(b.digest, 4).map(h => h.peerId)).toEqual(['real'])
+    expect(ix.has('gone1')).toBe(false) // disconnected longest
+    expect(ix.has('gone2')).toBe(true)
+    // all connected now: the lowest score goes
+    ix.connected('gone2', '10.0.0.2', [], 5)
+    ix.report('bad', 'bad', 5)
+    ix.connected('real2', '10.0.0.10', [], 6)
+    expect(ix.has('real2')).toBe(true)
+    expect(ix.has('bad')).toBe(false)
+    expect(ix.status(7)).toHaveLength(3)
   })
 })
