@@ -1,3 +1,4 @@
+import type { Readable } from 'node:stream'
 import type { Digest } from '../oci/digest.js'
 import type { Reference, Target } from '../oci/reference.js'
 import { MANIFEST_MEDIA_TYPES } from '../oci/media-types.js'
@@ -46,8 +47,8 @@ export async function walkImage (resolver: Resolver, target: Target, ref: Refere
       const h = await resolver.blob(target, d, opts.signal)
       if (h.source !== 'store') {
         // Drain the fill's stream: it ends only once the blob has verified and is stored.
-        const s = await h.open()
-        for await (const _ of s) { /* discard */ }
+        const s = await h.open() as Readable & { recycle?: (chunk: Buffer) => void }
+        for await (const chunk of s) s.recycle?.(chunk as Buffer) // its buffer may be read into again
       }
     }
   }

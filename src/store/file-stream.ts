@@ -12,6 +12,8 @@ import type { FileHandle } from 'node:fs/promises'
 export const READ_CHUNK = 1024 * 1024
 /** Buffers a stream keeps for reuse: one being read into, one being written, one spare. */
 const POOL = 3
+/** Lent chunks remembered for recycling; a consumer holding more than this is not recycling them. */
+const MAX_LENT = 16
 
 /**
  * The read buffers of one stream. A buffer is read into again only after the chunk lent out of it has
@@ -28,9 +30,18 @@ export class ChunkPool {
     return this.free.pop() ?? Buffer.allocUnsafe(size)
   }
 
-  /** `chunk` (`buf` or a view of it) goes out to the consumer. */
+  /**
+   * `chunk` (`buf` or a view of it) goes out to the consumer. Only the last few lent chunks are
+   * remembered: a consumer that never hands chunks back (a plain pipe, a drain) then costs fresh
+   * buffers, as a plain stream would, instead of keeping every chunk it was ever lent alive here.
+   * A forgotten chunk is simply never reused, so forgetting is always safe.
+   */
   lend (chunk: Buffer, buf: Buffer): void {
     this.lent.set(chunk, buf)
+    if (this.lent.size > MAX_LENT) {
+      const oldest = this.lent.keys().next().value
+      if (oldest !== undefined) this.lent.delete(oldest)
+    }
   }
 
   /** Takes `chunk` back if it was lent from here; false for any other chunk. */
