@@ -92,6 +92,66 @@ export function mergeDockerDaemonJson (existing: string | undefined, mirrorUrl: 
 
 // ------------------------------------------------------------------ containerd
 
+/** containerd's main config file, where `config_path` must point at the certs.d directory. */
+export const DEFAULT_CONTAINERD_CONFIG = '/etc/containerd/config.toml'
+
+/** Where `config_path` lives, per config version: 2 is containerd 1.x (and 2.x reading old files), 3 is containerd 2.x. */
+const REGISTRY_SECTION: Record<2 | 3, string> = {
+  2: '[plugins."io.containerd.grpc.v1.cri".registry]',
+  3: '[plugins."io.containerd.cri.v1.images".registry]',
+}
+
+export interface ContainerdConfigCheck {
+  /** The config file's `version` (1 when absent, as containerd reads it). */
+  version: number
+  /** The `config_path` set in the registry section of that version, if any. */
+  configPath?: string
+  /** True when that config_path is `dir`. */
+  ok: boolean
+  /** What to tell the operator (each a line). */
+  advice: string[]
+}
+
+/**
+ * Reads a containerd config.toml (just enough TOML: section headers and `key = "value"` lines) and says
+ * whether containerd will read the hosts.toml files under `dir`, and what to change if not.
+ */
+export function checkContainerdConfig (text: string, dir: string): ContainerdConfigCheck {
+  let section = ''
+  let version = 1
+  const values = new Map<string, string>()
+  for (const raw of text.split(/\r?\n/)) {
+    const line = raw.replace(/#.*$/, '').trim()
+    if (line === '') continue
+    const h = /^\[(.+)\]$/.exec(line)
+    if (h !== null) { section = `[${h[1]!.replace(/\s+/g, '').replace(/'/g, '"')}]`; continue }
+    const kv = /^([A-Za-z0-9_.-]+)\s*=\s*(.+)$/.exec(line)
+    if (kv === null) continue
+    const value = kv[2]!.trim().replace(/^"(.*)"$/, '$1').replace(/^'(.*)'$/, '$1')
+    if (section === '' && kv[1] === 'version') version = Number(value) || 1
+    values.set(`${section}${kv[1]}`, value)
+  }
+  const wanted: 2 | 3 = version >= 3 ? 3 : 2
+  const key = `${REGISTRY_SECTION[wanted].replace(/\s+/g, '')}config_path`
+  const configPath = values.get(key)
+  const ok = configPath !== undefined && configPath.replace(/\/+$/, '') === dir.replace(/\/+$/, '')
+  const advice: string[] = []
+  if (version < 2) advice.push('this config file has no `version = 2` or `version = 3`: containerd reads it as version 1, which has no config_path; start from `containerd config default`')
+  if (!ok) {
+    advice.push(configPath === undefined || configPath === ''
+      ? `config_path is not set: containerd ignores the hosts.toml files. Add, under ${REGISTRY_SECTION[wanted]}:`
+      : `config_path is ${configPath}, not ${dir}: containerd reads other hosts.toml files. Set, under ${REGISTRY_SECTION[wanted]}:`)
+    advice.push(`  config_path = ${tomlString(dir)}`)
+    advice.push('and restart containerd once (later hosts.toml changes apply to the next pull).')
+  }
+  if (wanted === 3) {
+    advice.push('containerd 2.1 and later pull through the transfer service, which does not read hosts.toml mirrors the way')
+    advice.push('the CRI plugin does; to pull through pullmesh for Kubernetes, set, under [plugins."io.containerd.cri.v1.images"]:')
+    advice.push('  use_local_image_pull = true')
+  }
+  return { version, ...(configPath !== undefined ? { configPath } : {}), ok, advice }
+}
+
 /** The certs.d directory containerd looks up for an upstream: the registry host as written in image names. */
 export function containerdHostDir (u: UpstreamConfig): string {
   return DOCKER_HUB.has(u.name) ? 'docker.io' : u.name
@@ -350,8 +410,9 @@ export function registerConfigure (program: Command, io: CliIo, setExit: (code: 
   commonOptions(configure.command('containerd'))
     .description('write a hosts.toml per upstream under containerd\'s certs.d (or _default when no upstream is named)')
     .option('--dir <path>', 'containerd\'s config_path', DEFAULT_CONTAINERD_DIR)
+    .option('--containerd-config <file>', 'containerd\'s config.toml, checked for config_path', DEFAULT_CONTAINERD_CONFIG)
     .action(run(async (cmd, r) => {
-      const o = cmd.opts<{ dir: string, dryRun?: boolean }>()
+      const o = cmd.opts<{ dir: string, containerdConfig: string, dryRun?: boolean }>()
       const files: Array<{ path: string, text: string }> = []
       if (r.explicitUpstreams) {
         const dirs = new Set<string>()
@@ -370,10 +431,21 @@ export function registerConfigure (program: Command, io: CliIo, setExit: (code: 
         const t = now()
         for (const f of files) out(describeOutcome(await installFile(f.path, f.text, t)) + '\n')
       }
-      out(`containerd reads these only with config_path set; in /etc/containerd/config.toml (version 2):\n` +
-        `  [plugins."io.containerd.grpc.v1.cri".registry]\n` +
-        `    config_path = ${tomlString(o.dir)}\n` +
-        `then restart containerd once (later hosts.toml changes apply to the next pull). ctr: ctr images pull --hosts-dir ${o.dir} ...\n`)
+      let text: string | undefined
+      try { text = await readFile(o.containerdConfig, 'utf8') } catch { text = undefined }
+      if (text === undefined) {
+        out(`containerd reads these only with config_path set (${o.containerdConfig} could not be read to check it):\n` +
+          `  version 2 (containerd 1.x):  ${REGISTRY_SECTION[2]}\n    config_path = ${tomlString(o.dir)}\n` +
+          `  version 3 (containerd 2.x):  ${REGISTRY_SECTION[3]}\n    config_path = ${tomlString(o.dir)}\n` +
+          '  and with containerd 2.1 or later, also: [plugins."io.containerd.cri.v1.images"] use_local_image_pull = true\n' +
+          `then restart containerd once. ctr: ctr images pull --hosts-dir ${o.dir} ...\n`)
+      } else {
+        const c = checkContainerdConfig(text, o.dir)
+        if (c.ok) out(`${o.containerdConfig} (version ${c.version}) already reads hosts.toml from ${o.dir}.\n`)
+        else warn(`${o.containerdConfig} (version ${c.version}): containerd will not use these files yet.`)
+        for (const a of c.advice) out(a + '\n')
+        out(`ctr: ctr images pull --hosts-dir ${o.dir} ...\n`)
+      }
     }))
 
   commonOptions(configure.command('podman'))

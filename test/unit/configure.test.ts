@@ -7,7 +7,7 @@ import { Writable } from 'node:stream'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { runCli } from '../../src/cli/index.js'
 import {
-  backupStamp, ConfigureError, containerdHostsToml, installFile, mergeDockerDaemonJson, mirrorFromListen, parseMirror,
+  backupStamp, checkContainerdConfig, ConfigureError, containerdHostsToml, installFile, mergeDockerDaemonJson, mirrorFromListen, parseMirror,
   podmanRegistriesConf,
 } from '../../src/cli/configure.js'
 import type { UpstreamConfig } from '../../src/config.js'
@@ -144,6 +144,47 @@ describe('configure docker: daemon.json merge', () => {
 })
 
 describe('configure containerd', () => {
+  // The registry section of `containerd config default` (containerd 1.6, version 2), abridged.
+  const V2 = 'version = 2\nroot = "/var/lib/containerd"\n[plugins]\n  [plugins."io.containerd.grpc.v1.cri"]\n    [plugins."io.containerd.grpc.v1.cri".registry]\n      config_path = ""\n'
+  // containerd 2.x (version 3): config_path moved to the CRI images plugin.
+  const V3 = 'version = 3\n[plugins]\n  [plugins.\'io.containerd.cri.v1.images\']\n    [plugins.\'io.containerd.cri.v1.images\'.registry]\n      config_path = \'/etc/containerd/certs.d\'\n'
+
+  it('checks config_path in a version 2 config and says what to add', () => {
+    const c = checkContainerdConfig(V2, '/etc/containerd/certs.d')
+    expect(c).toMatchObject({ version: 2, configPath: '', ok: false })
+    expect(c.advice.join('\n')).toContain('[plugins."io.containerd.grpc.v1.cri".registry]:\n  config_path = "/etc/containerd/certs.d"')
+    expect(c.advice.join('\n')).not.toContain('use_local_image_pull')
+    const fixed = checkContainerdConfig(V2.replace('config_path = ""', 'config_path = "/etc/containerd/certs.d/" # ours'), '/etc/containerd/certs.d')
+    expect(fixed).toMatchObject({ version: 2, ok: true, advice: [] })
+    expect(checkContainerdConfig(V2.replace('config_path = ""', 'config_path = "/elsewhere"'), '/etc/containerd/certs.d').advice[0]).toContain('config_path is /elsewhere')
+  })
+
+  it('checks a version 3 config in its own section and explains use_local_image_pull', () => {
+    const c = checkContainerdConfig(V3, '/etc/containerd/certs.d')
+    expect(c).toMatchObject({ version: 3, configPath: '/etc/containerd/certs.d', ok: true })
+    expect(c.advice.join('\n')).toContain('use_local_image_pull = true')
+    // A version 3 file with config_path only in the old (version 2) section is not read by containerd 2.x.
+    const old = checkContainerdConfig(V2.replace('version = 2', 'version = 3').replace('config_path = ""', 'config_path = "/etc/containerd/certs.d"'), '/etc/containerd/certs.d')
+    expect(old.ok).toBe(false)
+    expect(old.advice.join('\n')).toContain('[plugins."io.containerd.cri.v1.images".registry]')
+    expect(checkContainerdConfig('root = "/x"\n', '/d').advice[0]).toContain('version 1')
+  })
+
+  it('the CLI reads the containerd config it is given and says whether containerd will use the files', async () => {
+    const cfg = join(dir, 'config.toml')
+    await writeFile(cfg, V2)
+    const bad = await cli(['containerd', '--dir', join(dir, 'certs.d'), '--containerd-config', cfg, '--upstream', 'ghcr.io=https://ghcr.io'])
+    expect(bad.code).toBe(0)
+    expect(bad.err).toContain('containerd will not use these files yet')
+    expect(bad.out).toContain(`config_path = "${join(dir, 'certs.d')}"`)
+    await writeFile(cfg, V2.replace('config_path = ""', `config_path = "${join(dir, 'certs.d')}"`))
+    const good = await cli(['containerd', '--dir', join(dir, 'certs.d'), '--containerd-config', cfg, '--upstream', 'ghcr.io=https://ghcr.io'])
+    expect(good.out).toContain('already reads hosts.toml')
+    const missing = await cli(['containerd', '--dir', join(dir, 'certs.d'), '--containerd-config', join(dir, 'nope.toml'), '--upstream', 'ghcr.io=https://ghcr.io'])
+    expect(missing.out).toContain('version 3 (containerd 2.x)')
+    expect(missing.out).toContain('use_local_image_pull')
+  })
+
   it('renders hosts.toml with the upstream as server and the mirror first; Docker Hub maps to registry-1', () => {
     expect(containerdHostsToml(up('ghcr.io', 'https://ghcr.io'), MIRROR)).toContain('server = "https://ghcr.io"\n\n[host."http://127.0.0.1:5000"]\n  capabilities = ["pull", "resolve"]\n')
     expect(containerdHostsToml(up('index.docker.io', 'https://index.docker.io'), MIRROR)).toContain('server = "https://registry-1.docker.io"')
