@@ -7,7 +7,7 @@ import { join } from 'node:path'
 import { run } from '../helpers/exec.js'
 import { curlDownload } from './lib/load.js'
 import { metricValue, startDistribution, startPullmesh, upstreamBlobTraffic, type Distribution, type Pullmesh } from './lib/procs.js'
-import { notRun, ratioAtLeast, row, type Row } from './lib/report.js'
+import { diffAtMost, notRun, ratioAtLeast, row, type Row } from './lib/report.js'
 import type { Ctx } from './scenarios.js'
 
 const created: string[] = []
@@ -24,41 +24,62 @@ async function ip (...args: string[]): Promise<void> {
   await run('ip', args, { timeoutMs: 10_000 })
 }
 
-/** hub (bridge, upstream on 10.99.N.1) + nsA (10.99.N.11) + nsB (10.99.N.12). */
-async function makeNamespaces (): Promise<{ hub: string, a: string, b: string, net: string }> {
+export interface BenchNamespaces {
+  hub: string
+  /** The first three octets of the bridge's /24 (the hub's br0 is `${net}.1`). */
+  net: string
+  /** Node namespaces, each with its address `${net}.(10+i)` (i from 1). */
+  nodes: Array<{ ns: string, addr: string }>
+}
+
+/**
+ * A hub namespace holding a bridge (the upstream listens on `${net}.1`) and `count` node namespaces on
+ * it, named `pmb<kind>h<pid>` and `pmb<kind><i><pid>`; every name is recorded for meshCleanup().
+ */
+export async function makeBenchNamespaces (kind: string, count: number): Promise<BenchNamespaces> {
   const id = process.pid
   const net = `10.99.${20 + (id % 200)}`
-  const hub = `pmbh${id}`; const a = `pmba${id}`; const b = `pmbb${id}`
+  const hub = `pmb${kind}h${id}`
   await ip('netns', 'add', hub); created.push(hub)
   await ip('-n', hub, 'link', 'set', 'lo', 'up')
   await ip('-n', hub, 'link', 'add', 'br0', 'type', 'bridge')
   await ip('-n', hub, 'link', 'set', 'br0', 'type', 'bridge', 'mcast_snooping', '0')
   await ip('-n', hub, 'addr', 'add', `${net}.1/24`, 'dev', 'br0')
   await ip('-n', hub, 'link', 'set', 'br0', 'up')
-  for (const [i, ns] of [[1, a], [2, b]] as const) {
+  const nodes: BenchNamespaces['nodes'] = []
+  for (let i = 1; i <= count; i++) {
+    const ns = `pmb${kind}${i}n${id}`
+    const addr = `${net}.${10 + i}`
     await ip('netns', 'add', ns); created.push(ns)
     await ip('-n', ns, 'link', 'set', 'lo', 'up')
     await ip('-n', hub, 'link', 'add', `veth${i}`, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', ns)
     await ip('-n', hub, 'link', 'set', `veth${i}`, 'master', 'br0')
     await ip('-n', hub, 'link', 'set', `veth${i}`, 'up')
-    await ip('-n', ns, 'addr', 'add', `${net}.${10 + i}/24`, 'dev', 'eth0')
+    await ip('-n', ns, 'addr', 'add', `${addr}/24`, 'dev', 'eth0')
     await ip('-n', ns, 'link', 'set', 'eth0', 'multicast', 'on', 'up')
-    await ip('-n', ns, 'route', 'add', '224.0.0.0/4', 'dev', 'eth0')
+    await ip('-n', ns, 'route', 'add', '224.0.0.0/4', 'dev', 'eth0') // no default route, on purpose
+    nodes.push({ ns, addr })
   }
-  return { hub, a, b, net }
+  return { hub, net, nodes }
 }
 
-async function statusIn (ns: string, url: string): Promise<number> {
+/** hub (bridge, upstream on 10.99.N.1) + nsA (10.99.N.11) + nsB (10.99.N.12). */
+async function makeNamespaces (): Promise<{ hub: string, a: string, b: string, net: string }> {
+  const { hub, net, nodes } = await makeBenchNamespaces('6', 2)
+  return { hub, net, a: nodes[0]!.ns, b: nodes[1]!.ns }
+}
+
+export async function statusIn (ns: string, url: string): Promise<number> {
   const r = await run('ip', ['netns', 'exec', ns, 'curl', '-s', '-o', '/dev/null', '--max-time', '1', '-w', '%{http_code}', url], { allowFailure: true, timeoutMs: 5000 })
   return Number(r.stdout.trim() || 0)
 }
 
-async function textIn (ns: string, url: string): Promise<string> {
+export async function textIn (ns: string, url: string): Promise<string> {
   const r = await run('ip', ['netns', 'exec', ns, 'curl', '-s', '--max-time', '5', url], { allowFailure: true, timeoutMs: 10_000 })
   return r.stdout
 }
 
-async function waitIn (ns: string, url: string, proc: { exited: () => boolean, tail: () => string }, timeoutMs = 20_000): Promise<void> {
+export async function waitIn (ns: string, url: string, proc: { exited: () => boolean, tail: () => string }, timeoutMs = 20_000): Promise<void> {
   const end = Date.now() + timeoutMs
   for (;;) {
     if (proc.exited()) throw new Error(`process exited before ${url} answered: ${proc.tail().slice(-1500)}`)
@@ -131,6 +152,7 @@ export async function mesh (ctx: Ctx): Promise<Row[]> {
     await waitIn(ns.b, `http://${ns.net}.11:8080/`, plainProc)
 
     const meshBps: number[] = []; const plainBps: number[] = []
+    const bTtfb: number[] = []; const aTtfb: number[] = []
     for (let i = 0; i < ctx.runs; i++) {
       for (const who of i % 2 === 0 ? ['mesh', 'plain'] : ['plain', 'mesh']) {
         if (who === 'plain') {
@@ -163,15 +185,21 @@ export async function mesh (ctx: Ctx): Promise<Row[]> {
           if (hits < 1 || t.gets > 0) {
             return [notRun('6 mesh', `node B fetched from the upstream (${t.gets} upstream GETs, mesh blob hits ${hits}), not from node A`)]
           }
-          meshBps.push(d.bps)
-          ctx.log(`  mesh A→B #${i + 1}: ${(d.bps / 2 ** 30).toFixed(2)} GiB/s (ttfb ${(d.ttfb * 1000).toFixed(0)} ms)`)
+          meshBps.push(d.bps); bTtfb.push(d.ttfb)
+          // The same blob as a store hit on A, for a client in A's namespace: the TTFB to compare with.
+          const hit = await curlDownload(`${A.url}${blobPath}`, { netns: ns.a, expectBytes: b.size })
+          aTtfb.push(hit.ttfb)
+          ctx.log(`  mesh A→B #${i + 1}: ${(d.bps / 2 ** 30).toFixed(2)} GiB/s, ttfb ${(d.ttfb * 1000).toFixed(1)} ms (A's store hit: ttfb ${(hit.ttfb * 1000).toFixed(1)} ms)`)
         } finally {
           await B.stop()
           await rm(B.dataDir, { recursive: true, force: true })
         }
       }
     }
-    return [row('6 mesh', `B fetches ${b.size / 2 ** 20} MiB blob held by A (netns)`, 'B/s', 'higher', meshBps, plainBps, ratioAtLeast(0.8), undefined, 'plain HTTP')]
+    return [
+      row('6 mesh', `B fetches ${b.size / 2 ** 20} MiB blob held by A (netns)`, 'B/s', 'higher', meshBps, plainBps, ratioAtLeast(0.8), undefined, 'plain HTTP'),
+      row('6 mesh', "time to first byte: B's client, blob held by A", 's', 'lower', bTtfb, aTtfb, diffAtMost(0.02, '≤ +20 ms'), undefined, "A's client, store hit on A"),
+    ]
   } finally {
     for (const p of procs.reverse()) await p.stop().catch(() => {})
     await meshCleanup()
