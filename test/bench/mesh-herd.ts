@@ -12,7 +12,7 @@
 import { access, mkdtemp, rm } from 'node:fs/promises'
 import { join } from 'node:path'
 import { run } from '../helpers/exec.js'
-import { curlDownload, type Download } from './lib/load.js'
+import { cpuSeconds, curlDownload, type Download } from './lib/load.js'
 import { DAEMON_ENTRY, metricValue, settleAccessLog, startDistribution, startPullmesh, upstreamBlobTraffic, type Distribution, type Pullmesh } from './lib/procs.js'
 import { exactly, median, notRun, ratioAtMost, row, type Row } from './lib/report.js'
 import { seedBlob, type SeededBlob } from './lib/seed.js'
@@ -24,6 +24,8 @@ const REPO = 'bench/meshherd'
 const PORT = 5000
 /** The central mirror (hub) and the lone `--no-mesh` node (node 1's namespace) listen here. */
 const ALT_PORT = 5001
+/** Warm-up blobs: at least the store's threshold for hashing on its thread (4 MiB). */
+const WARM_BYTES = 4 * 2 ** 20
 
 type Variant = 'mesh' | 'central' | 'lone' | 'loneMesh'
 const VARIANTS: Variant[] = ['mesh', 'central', 'lone', 'loneMesh']
@@ -106,11 +108,25 @@ export async function meshHerd (ctx: Ctx): Promise<Row[]> {
     procs.push(lone)
     await waitIn(node1.ns, `${lone.url}/readyz`, lone, 60_000)
 
+    // Warm-up, not measured: a node's first transfers after start pay for connections, JIT and its
+    // hashing thread (hundreds of ms here). 2N small herds make each node likely the fetcher of one.
+    const tw0 = performance.now()
+    for (let k = 0; k < 2 * n; k++) {
+      const w = await seedBlob(ctx.upstream.url, REPO, WARM_BYTES)
+      seeded.push(w)
+      await Promise.all(nodes.map(async nd => await curlDownload(`${nd.pm.url}${blobPath(`bench.test/${REPO}`, w)}`, { netns: nd.ns, expectBytes: WARM_BYTES })))
+      if (k === 0) await curlDownload(`${lone.url}${blobPath(`bench.test/${REPO}`, w)}`, { netns: node1.ns, expectBytes: WARM_BYTES })
+      await waitFillsDone([...nodes, { ns: node1.ns, pm: lone }])
+      await dropUpstreamBlob(w)
+    }
+    ctx.log(`  warm-up: ${2 * n} herds of ${fmtMiB(WARM_BYTES)} in ${((performance.now() - tw0) / 1000).toFixed(1)} s`)
+
     const upRatio: Record<'mesh' | 'central', number[]> = { mesh: [], central: [] }
     const upGets: Record<'mesh' | 'central', number[]> = { mesh: [], central: [] }
     const medianT: Record<'mesh' | 'central', number[]> = { mesh: [], central: [] }
     const slowestT: Record<'mesh' | 'central', number[]> = { mesh: [], central: [] }
-    const loneT: number[] = []; const loneMeshT: number[] = []
+    const cpuT: Record<'mesh' | 'central', number[]> = { mesh: [], central: [] }
+    const loneT: number[] = []; const loneMeshT: number[] = []; const loneCpu: number[] = []
     const meshNotes: string[] = []
 
     for (let i = 0; i < ctx.runs; i++) {
@@ -131,11 +147,16 @@ export async function meshHerd (ctx: Ctx): Promise<Row[]> {
           try {
             const url = (nd: Node): string => v === 'mesh' ? `${nd.pm.url}${blobPath(`bench.test/${REPO}`, b)}` : `${central!.url}${blobPath(REPO, b)}`
             const before = v === 'mesh' ? await meshCounters(nodes) : undefined
+            // CPU of the serving side: every node, or the one central registry.
+            const servers = v === 'mesh' ? nodes.map(nd => nd.pm.pid) : [central!.pid]
+            const cpu0 = await Promise.all(servers.map(cpuSeconds))
             const tw = performance.now()
             const each: Download[] = await Promise.all(nodes.map(async nd => await curlDownload(url(nd), { netns: nd.ns, expectBytes: size })))
             const wall = (performance.now() - tw) / 1000
             if (v === 'mesh') await waitFillsDone(nodes)
             if (central !== undefined) await waitFile(join(central.root, 'docker', 'registry', 'v2', 'blobs', 'sha256', b.digest.slice(7, 9), b.digest.slice(7), 'data'))
+            const cpu = (await Promise.all(servers.map(cpuSeconds))).reduce((a, c, k) => a + c - cpu0[k]!, 0)
+            cpuT[v].push(cpu)
             await settleAccessLog(up, 1000)
             const t = upstreamBlobTraffic(up, b.digest, from)
             const times = each.map(d => d.total)
@@ -148,19 +169,22 @@ export async function meshHerd (ctx: Ctx): Promise<Row[]> {
               extra = `; mesh: ${d('delegated')} delegated, ${d('forPeers')} served for peers, ${d('avoided')} upstream fetches avoided, ${d('delegatedFailed')} delegations failed, ${d('peerErrors')} peer errors`
               meshNotes.push(`${d('delegated')}/${d('forPeers')}/${d('avoided')}`)
             }
-            ctx.log(`  ${v === 'mesh' ? 'mesh herd' : 'central mirror'} #${i + 1}: ${n} nodes × ${fmtMiB(size)}, per node ${times.map(s => s.toFixed(2)).join('/')} s (median ${median(times)!.toFixed(2)}, slowest ${Math.max(...times).toFixed(2)}, all done ${wall.toFixed(2)} s), upstream ${t.gets} GETs = ${(t.bytes / size).toFixed(2)}× blob${extra}`)
+            ctx.log(`  ${v === 'mesh' ? 'mesh herd' : 'central mirror'} #${i + 1}: ${n} nodes × ${fmtMiB(size)}, per node ${times.map(s => s.toFixed(2)).join('/')} s (median ${median(times)!.toFixed(2)}, slowest ${Math.max(...times).toFixed(2)}, all done ${wall.toFixed(2)} s, ${cpu.toFixed(2)} CPU-s), upstream ${t.gets} GETs = ${(t.bytes / size).toFixed(2)}× blob${extra}`)
           } finally {
             if (central !== undefined) await central.stop()
             if (centralDir !== undefined) await rm(centralDir, { recursive: true, force: true })
           }
         } else {
           const target = v === 'lone' ? lone : node1.pm
+          const servers = v === 'lone' ? [lone.pid] : nodes.map(nd => nd.pm.pid)
+          const cpu0 = await Promise.all(servers.map(cpuSeconds))
           const d = await curlDownload(`${target.url}${blobPath(`bench.test/${REPO}`, b)}`, { netns: node1.ns, expectBytes: size })
           await waitFillsDone(v === 'lone' ? [{ ns: node1.ns, pm: lone }] : nodes)
           await settleAccessLog(up, 500)
-          const t = upstreamBlobTraffic(up, b.digest, from);
-          (v === 'lone' ? loneT : loneMeshT).push(d.total)
-          ctx.log(`  lone cold pull, ${v === 'lone' ? 'pullmesh --no-mesh' : 'mesh node 1 alone'} #${i + 1}: ${d.total.toFixed(2)} s (ttfb ${(d.ttfb * 1000).toFixed(0)} ms), upstream ${t.gets} GETs = ${(t.bytes / size).toFixed(2)}× blob`)
+          const t = upstreamBlobTraffic(up, b.digest, from)
+          const cpu = (await Promise.all(servers.map(cpuSeconds))).reduce((a, c, k) => a + c - cpu0[k]!, 0)
+          if (v === 'lone') { loneT.push(d.total); loneCpu.push(cpu) } else loneMeshT.push(d.total)
+          ctx.log(`  lone cold pull, ${v === 'lone' ? 'pullmesh --no-mesh' : 'mesh node 1 alone'} #${i + 1}: ${d.total.toFixed(2)} s (ttfb ${(d.ttfb * 1000).toFixed(0)} ms, ${cpu.toFixed(2)} CPU-s${v === 'lone' ? '' : ' over all nodes'}), upstream ${t.gets} GETs = ${(t.bytes / size).toFixed(2)}× blob`)
         }
         await dropUpstreamBlob(b)
       }
@@ -175,6 +199,8 @@ export async function meshHerd (ctx: Ctx): Promise<Row[]> {
       row(SCENARIO, 'slowest node wall time', 's', 'lower', slowestT.mesh, slowestT.central, undefined, undefined, 'one central distribution mirror'),
       row(SCENARIO, `slowest node vs one node's lone cold pull of ${fmtMiB(size)}`, 's', 'lower', slowestT.mesh, loneT, ratioAtMost(1.5),
         `a mesh node pulling alone (may delegate to the chosen fetcher): ${loneMeshT.map(s => s.toFixed(2)).join('/')} s`, 'lone pullmesh, --no-mesh'),
+      row(SCENARIO, 'CPU time of the serving side (user+sys, all nodes)', 's', 'lower', cpuT.mesh, cpuT.central, undefined,
+        `the ${n} nodes share this host's cores, so the herd's wall time is bounded by their sum; a lone --no-mesh pull used ${loneCpu.map(s => s.toFixed(2)).join('/')} CPU-s`, 'one central distribution mirror'),
     ]
   } finally {
     for (const p of procs.reverse()) await p.stop().catch(() => {})

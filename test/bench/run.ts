@@ -5,7 +5,7 @@
 //   --runs N           runs per scenario (default 3; smoke 1)
 //   --only a,b         scenarios: blob (1+2), herd (3), small (4), skopeo (5), mesh (6), memory (7+8),
 //                      meshherd (9)
-//   --mesh-nodes N     nodes in the mesh herd (default 4; smoke 3)
+//   --mesh-nodes N     nodes in the mesh herd, 3 to 8 (default 3)
 //   --keep-going       (default) a failed scenario is reported and the others still run
 //
 // Results: test/bench/results/latest.md, latest.json and bench-<time>.json.
@@ -36,7 +36,7 @@ const only = new Set((flag('--only') ?? ALL.join(',')).split(',').map(s => s.tri
 for (const s of only) if (!(ALL as readonly string[]).includes(s)) { console.error(`unknown scenario ${s}; one of ${ALL.join(', ')}`); process.exit(2) }
 
 const MiB = 2 ** 20
-const meshNodes = Number(flag('--mesh-nodes') ?? (smoke ? 3 : 4))
+const meshNodes = Number(flag('--mesh-nodes') ?? 3)
 if (!Number.isInteger(meshNodes) || meshNodes < 3 || meshNodes > 8) { console.error('--mesh-nodes: 3 to 8'); process.exit(2) }
 const sizes: Sizes = smoke
   ? { big: 8 * MiB, herd: 8 * MiB, herdClients: 10, memClients: 10, layers: 10, layerBytes: 256 * 1024, indexBlobs: 200, wrkSeconds: 1, wrkConnections: 50, meshNodes, meshHerd: 4 * MiB }
