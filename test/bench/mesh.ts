@@ -1,5 +1,6 @@
 // Scenario 6: two pullmesh nodes in network namespaces; node B fetches a blob node A holds, compared
-// with a plain HTTP download of the same file between the same namespaces (Node http, 1 MiB chunks).
+// with a plain HTTP download of the same file between the same namespaces (Node http, 1 MiB chunks),
+// and B's client's time to first byte compared with a client of A getting the same blob as a store hit.
 // Namespaces get unique names (with our PID) and are always deleted; multicast stays inside them.
 import { spawn } from 'node:child_process'
 import { access, mkdtemp, rm, writeFile } from 'node:fs/promises'
