@@ -3,7 +3,9 @@
 // one run each, < ~60 s; exits non-zero if a scenario crashes).
 //
 //   --runs N           runs per scenario (default 3; smoke 1)
-//   --only a,b         scenarios: blob (1+2), herd (3), small (4), skopeo (5), mesh (6), memory (7+8)
+//   --only a,b         scenarios: blob (1+2), herd (3), small (4), skopeo (5), mesh (6), memory (7+8),
+//                      meshherd (9)
+//   --mesh-nodes N     nodes in the mesh herd, 3 to 8 (default 3)
 //   --keep-going       (default) a failed scenario is reported and the others still run
 //
 // Results: test/bench/results/latest.md, latest.json and bench-<time>.json.
@@ -18,6 +20,7 @@ import { markdown, notRun, toJson, type Row } from './lib/report.js'
 import { seedBlob } from './lib/seed.js'
 import { blobColdWarm, herd, memoryAndStartup, skopeoPulls, smallRequests, type Ctx, type Sizes } from './scenarios.js'
 import { mesh, meshCleanup } from './mesh.js'
+import { meshHerd } from './mesh-herd.js'
 
 const argv = process.argv.slice(2)
 const flag = (name: string): string | undefined => {
@@ -28,14 +31,16 @@ const flag = (name: string): string | undefined => {
 }
 const smoke = argv.includes('--smoke') || process.env.BENCH_SMOKE === '1'
 const runs = Number(flag('--runs') ?? (smoke ? 1 : 3))
-const ALL = ['blob', 'herd', 'small', 'skopeo', 'memory', 'mesh'] as const
+const ALL = ['blob', 'herd', 'small', 'skopeo', 'memory', 'mesh', 'meshherd'] as const
 const only = new Set((flag('--only') ?? ALL.join(',')).split(',').map(s => s.trim()))
 for (const s of only) if (!(ALL as readonly string[]).includes(s)) { console.error(`unknown scenario ${s}; one of ${ALL.join(', ')}`); process.exit(2) }
 
 const MiB = 2 ** 20
+const meshNodes = Number(flag('--mesh-nodes') ?? 3)
+if (!Number.isInteger(meshNodes) || meshNodes < 3 || meshNodes > 8) { console.error('--mesh-nodes: 3 to 8'); process.exit(2) }
 const sizes: Sizes = smoke
-  ? { big: 8 * MiB, herd: 8 * MiB, herdClients: 10, memClients: 10, layers: 10, layerBytes: 256 * 1024, indexBlobs: 200, wrkSeconds: 1, wrkConnections: 50 }
-  : { big: 1024 * MiB, herd: 256 * MiB, herdClients: 10, memClients: 10, layers: 10, layerBytes: 16 * MiB, indexBlobs: 10_000, wrkSeconds: 5, wrkConnections: 50 }
+  ? { big: 8 * MiB, herd: 8 * MiB, herdClients: 10, memClients: 10, layers: 10, layerBytes: 256 * 1024, indexBlobs: 200, wrkSeconds: 1, wrkConnections: 50, meshNodes, meshHerd: 4 * MiB }
+  : { big: 1024 * MiB, herd: 256 * MiB, herdClients: 10, memClients: 10, layers: 10, layerBytes: 16 * MiB, indexBlobs: 10_000, wrkSeconds: 5, wrkConnections: 50, meshNodes, meshHerd: 256 * MiB }
 
 const RESULTS = fileURLToPath(new URL('./results/', import.meta.url))
 const started = Date.now()
@@ -81,6 +86,7 @@ async function main (): Promise<number> {
     ['small', '4 small requests', smallRequests],
     ['skopeo', '5 skopeo copy', skopeoPulls],
     ['mesh', '6 mesh', mesh],
+    ['meshherd', '9 mesh herd', meshHerd],
     ['memory', '7+8 memory / start-up', memoryAndStartup],
   ]
   const rows: Row[] = []

@@ -22,6 +22,9 @@ export interface Sizes {
   indexBlobs: number
   wrkSeconds: number
   wrkConnections: number
+  /** Scenario 9: nodes in the mesh herd, and the blob they all pull at once. */
+  meshNodes: number
+  meshHerd: number
 }
 
 export interface Ctx {

@@ -83,6 +83,13 @@ export async function memOf (pid: number): Promise<{ rss: number, hwm: number }>
   return { rss: kb('VmRSS'), hwm: kb('VmHWM') }
 }
 
+/** CPU time (user + system, seconds) a process has used so far; /proc counts in USER_HZ = 100 ticks. */
+export async function cpuSeconds (pid: number): Promise<number> {
+  const s = await readFile(`/proc/${pid}/stat`, 'utf8')
+  const f = s.slice(s.lastIndexOf(')') + 2).split(' ')
+  return (Number(f[11]) + Number(f[12])) / 100
+}
+
 /** Samples VmRSS every `intervalMs` until `stop()`; returns the peak seen (and the final VmHWM). */
 export function sampleRss (pid: number, intervalMs = 50): { stop: () => Promise<{ peakRss: number, hwm: number }> } {
   let peak = 0

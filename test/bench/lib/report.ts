@@ -60,6 +60,8 @@ export function notRun (scenario: string, reason: string, status: 'not run' | 'f
 export const ratioAtLeast = (x: number): Target => ({ text: `≥ ${x.toFixed(1)}×`, check: r => r.ratio !== undefined && r.ratio >= x })
 export const ratioAtMost = (x: number): Target => ({ text: `≤ ${x.toFixed(1)}×`, check: r => r.ratio !== undefined && r.ratio <= x })
 export const absAtMost = (x: number, text: string): Target => ({ text, check: r => r.pullmesh !== undefined && r.pullmesh <= x })
+/** pullmesh's value exceeds the baseline's by at most `x` (in the row's unit), e.g. TTFB within +20 ms. */
+export const diffAtMost = (x: number, text: string): Target => ({ text, check: r => r.pullmesh !== undefined && r.distribution !== undefined && r.pullmesh - r.distribution <= x })
 /** pullmesh's value equals `x` exactly (e.g. upstream bytes = 1.0 × blob). */
 export const exactly = (x: number, text: string): Target => ({ text, check: r => r.pullmesh !== undefined && Math.abs(r.pullmesh - x) < 1e-9 })
 /** pullmesh's value is the best of the two (lowest or highest). */
