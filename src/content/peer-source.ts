@@ -145,7 +145,7 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
     return { body, preamble: p }
   }
 
-  function fail (peer: PeerHolder, digest: string, err: unknown): void {
+  function fail (peer: PeerHolder, digest: string, err: unknown, delegate = false): void {
     const code = (err as { code?: string }).code ?? (err as Error).name
     // A fetcher whose own upstream failed, or that was busy, did nothing wrong.
     if (err instanceof DelegateRefusedError) {
@@ -153,8 +153,10 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
       log.info({ peer: peer.peerId, digest, reason: err.reason }, 'the fetcher could not fetch it; trying the next source')
       return
     }
-    metrics.peerErrors.inc({ reason: code === 'PM_VERIFICATION_FAILED' ? 'wrong-bytes' : code === 'PM_TRANSFER_TOO_SLOW' ? 'too-slow' : 'fetch-failed' })
-    mesh.report(peer.peerId, 'bad')
+    metrics.peerErrors.inc({ reason: code === 'PM_VERIFICATION_FAILED' ? 'wrong-bytes' : code === 'PM_TRANSFER_TOO_SLOW' ? 'too-slow' : code === 'PM_PEER_TIMEOUT' || code === 'PM_FETCHER_SILENT' ? 'timeout' : 'fetch-failed' })
+    // A fetcher that is slow to answer (a busy or just-started node) did nothing wrong: we fall back for
+    // this fetch, and do not mark it down for the next ones. Wrong bytes, trickling and errors do count.
+    if (!(delegate && (code === 'PM_PEER_TIMEOUT' || code === 'PM_FETCHER_SILENT'))) mesh.report(peer.peerId, 'bad')
     log.warn({ peer: peer.peerId, digest, err: code }, 'peer failed; trying the next source')
   }
 
@@ -205,7 +207,7 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
           }
           return { body: r.body, size, start }
         },
-        onFailure: (err) => { metrics.delegationFailures.inc({ kind: 'blob' }); fail(fetcher, digest, err) },
+        onFailure: (err) => { metrics.delegationFailures.inc({ kind: 'blob' }); fail(fetcher, digest, err, true) },
         onSuccess: () => mesh.report(fetcher.peerId, 'good'),
         onBytes: (n) => metrics.peerBytes.inc({ direction: 'in' }, n),
       }
@@ -235,7 +237,7 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
       } catch (err) {
         if (signal?.aborted === true) throw err
         metrics.delegationFailures.inc({ kind: 'manifest' })
-        fail(fetcher, reference, err)
+        fail(fetcher, reference, err, true)
         return undefined
       }
     },

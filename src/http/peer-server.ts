@@ -174,6 +174,8 @@ export function createPeerServer (c: PeerServerComponents, init: PeerServerInit)
       const length = range === undefined ? blob.size : range.end - range.start + 1
       if (range !== undefined) void reply.code(206).header('content-range', contentRange(range, blob.size))
       reply.raw.once('finish', () => c.metrics.peerBytes.inc({ direction: 'out' }, length))
+      // A peer streaming from a fill of ours in progress: a fetch made for it too.
+      if (blob.source === 'fill') c.metrics.servedForPeers.inc({ kind: 'blob' })
       return await sendBody(reply.header('content-length', length), stream)
     },
   })
