@@ -3,6 +3,7 @@ import { homedir } from 'node:os'
 import { isAbsolute, join, resolve } from 'node:path'
 import { z } from 'zod'
 import { ConfigError } from './errors.js'
+import { parseDnsName } from './mesh/dns-discovery.js'
 import { parseMeshKey } from './mesh/psk.js'
 
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'
@@ -36,6 +37,10 @@ export interface Config {
     enabled: boolean
     mdns: boolean
     bootstrap: string[]
+    /** DNS names (NAME or NAME:PORT) resolving to peers, re-resolved periodically. */
+    bootstrapDns: string[]
+    /** Dial peers that peers tell us about (their signed hello carries their addresses). */
+    peerExchange: boolean
     p2pListen: string[]
     /** Where peers fetch blobs from this node (the data path). */
     peerListen: HostPort
@@ -63,6 +68,8 @@ export interface RawSettings {
   mdns?: boolean | string
   mesh?: boolean | string
   bootstrap?: string[]
+  bootstrapDns?: string[]
+  peerExchange?: boolean | string
   p2pListen?: string[]
   peerListen?: string
   meshKey?: string
@@ -91,6 +98,8 @@ export const ENV_VARS: Record<string, keyof RawSettings> = {
   PULLMESH_MDNS: 'mdns',
   PULLMESH_MESH: 'mesh',
   PULLMESH_BOOTSTRAP: 'bootstrap',
+  PULLMESH_BOOTSTRAP_DNS: 'bootstrapDns',
+  PULLMESH_PEER_EXCHANGE: 'peerExchange',
   PULLMESH_P2P_LISTEN: 'p2pListen',
   PULLMESH_PEER_LISTEN: 'peerListen',
   PULLMESH_MESH_KEY: 'meshKey',
@@ -104,7 +113,7 @@ export const ENV_VARS: Record<string, keyof RawSettings> = {
   PULLMESH_UPSTREAM_RETRIES: 'upstreamRetries',
   PULLMESH_SHARE_CREDENTIALED: 'shareCredentialed',
 }
-const LIST_SETTINGS = new Set<keyof RawSettings>(['upstream', 'bootstrap', 'p2pListen', 'shareCredentialed'])
+const LIST_SETTINGS = new Set<keyof RawSettings>(['upstream', 'bootstrap', 'bootstrapDns', 'p2pListen', 'shareCredentialed'])
 
 export const DEFAULTS = {
   listen: '127.0.0.1:5000',
@@ -156,6 +165,8 @@ const fileSchema = z.object({
   mdns: z.boolean(),
   mesh: z.boolean(),
   bootstrap: z.array(z.string()),
+  bootstrapDns: z.array(z.string()),
+  peerExchange: z.boolean(),
   p2pListen: z.array(z.string()),
   peerListen: z.string(),
   meshKey: z.string(),
@@ -201,6 +212,8 @@ export function settingsFromFile (path: string, problems: string[]): RawSettings
     mdns: d.mdns,
     mesh: d.mesh,
     bootstrap: d.bootstrap,
+    bootstrapDns: d.bootstrapDns,
+    peerExchange: d.peerExchange,
     p2pListen: d.p2pListen,
     peerListen: d.peerListen,
     meshKey: rel(d.meshKey),
@@ -337,6 +350,10 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
   for (const a of s.p2pListen ?? []) {
     if (!/^\/(ip4|ip6)\/[^/]+\/tcp\/\d+$/.test(a)) problems.push(`p2p-listen: expected /ip4/HOST/tcp/PORT, got "${a}"`)
   }
+  for (const n of s.bootstrapDns ?? []) {
+    if (parseDnsName(n) === undefined) problems.push(`bootstrap-dns: expected a DNS name with an optional :PORT (default 4001), got "${n}"`)
+  }
+  const peerExchange = bool(s.peerExchange, 'peer-exchange', problems) ?? true
   for (const a of s.bootstrap ?? []) {
     if (!/^\/(ip4|ip6|dns|dns4|dns6)\/[^/]+\/tcp\/\d+\/p2p\/[A-Za-z0-9]+$/.test(a)) problems.push(`bootstrap: expected /ip4/HOST/tcp/PORT/p2p/PEER-ID, got "${a}"`)
   }
@@ -359,6 +376,8 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
       enabled: meshEnabled,
       mdns,
       bootstrap: s.bootstrap ?? [],
+      bootstrapDns: s.bootstrapDns ?? [],
+      peerExchange,
       p2pListen: s.p2pListen ?? [],
       peerListen: peerListen!,
       ...(s.meshKey !== undefined ? { meshKeyFile: resolve(s.meshKey) } : {}),

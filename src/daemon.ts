@@ -18,6 +18,7 @@ import { createPeerServer } from './http/peer-server.js'
 import type { Mesh } from './mesh/types.js'
 import { dataPathKey } from './peer-protocol.js'
 import { upstreamId } from './content/delegation.js'
+import { parseDnsName } from './mesh/dns-discovery.js'
 import { encodeMeshKey, loadMeshKey } from './mesh/psk.js'
 
 export interface Daemon {
@@ -131,6 +132,8 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       listen: config.mesh.p2pListen,
       bootstrap: config.mesh.bootstrap,
       mdns: config.mesh.mdns,
+      bootstrapDns: config.mesh.bootstrapDns.map(n => parseDnsName(n)!),
+      peerExchange: config.mesh.peerExchange,
       dataPort,
       upstreams: config.mesh.delegate ? sharedUpstreamIds : [],
       ...(meshKey !== undefined ? { meshKey } : {}),

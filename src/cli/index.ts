@@ -49,6 +49,8 @@ export async function runCli (argv: string[], io: CliIo): Promise<number> {
     .option('--log-level <level>', 'fatal|error|warn|info|debug|trace|silent (default info)')
     .option('--no-mdns', 'do not discover peers with mDNS')
     .option('--no-mesh', 'run without the LAN mesh (no libp2p at all)')
+    .option('--bootstrap-dns <name[:port]>', 'a DNS name resolving to peers (e.g. a Kubernetes headless Service), re-resolved every 30 s; repeatable', collect)
+    .option('--no-peer-exchange', 'do not dial peers that other peers tell us about')
     .option('--bootstrap <multiaddr>', 'a peer to dial; repeatable', collect)
     .option('--p2p-listen <multiaddr>', 'mesh listen address; repeatable (default /ip4/0.0.0.0/tcp/4001)', collect)
     .option('--peer-listen <host:port>', 'address of the peer data path (default 0.0.0.0:5050)')

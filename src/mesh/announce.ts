@@ -243,12 +243,16 @@ export interface AnnounceComponents {
   node: () => AnnounceNode | undefined
   /** A peer withdrew everything (remove all). */
   onWithdraw: (peerId: string) => void
+  /** A member we hold no connection to announced where it listens (peer exchange). */
+  onPeerAddrs?: (peerId: PeerId, addrs: string[]) => void
 }
 
 export interface AnnounceInit {
   dataPort: number
   /** Ids of the upstreams this node fetches for the mesh, announced in hello. */
   upstreams?: string[]
+  /** Our listen multiaddrs, announced in hello so that peers of our peers can dial us. */
+  addrs?: () => string[]
   /** This process's epoch (nextEpoch). */
   epoch: number
   limits?: Partial<GossipLimits>
@@ -321,7 +325,7 @@ export function createAnnouncer (components: AnnounceComponents, init: AnnounceI
   /** Encodes everything pending, in the order peers must apply it (removes before adds, then tags). */
   function takePending (): Uint8Array[] {
     const out: Uint8Array[] = []
-    if (pendingHello) { out.push(encodeHello(init.dataPort, init.upstreams ?? [])); pendingHello = false }
+    if (pendingHello) { out.push(encodeHello(init.dataPort, init.upstreams ?? [], init.addrs?.() ?? [])); pendingHello = false }
     out.push(...pendingOther.splice(0))
     if (pendingRemoves.size > 0) { out.push(...encodeRemoves([...pendingRemoves])); pendingRemoves.clear() }
     if (pendingAdds.size > 0) { out.push(...encodeAdds([...pendingAdds.values()])); pendingAdds.clear() }
@@ -423,6 +427,10 @@ export function createAnnouncer (components: AnnounceComponents, init: AnnounceI
     // Only peers we hold a connection to are indexed: a relayed signer we cannot reach is of no use, and
     // any keypair can sign, so indexing strangers would let one node fill every index with made-up peers.
     const v = validated.get(msg)
+    if (v !== undefined && v.checked && !isConnected(msg.from) && v.message.t === 'hello' && v.message.addrs !== undefined) {
+      // Peer exchange: a member we are not connected to says where it listens (the message is signed by it).
+      components.onPeerAddrs?.(msg.from, v.message.addrs)
+    }
     if (v === undefined || !v.checked || !isConnected(msg.from)) { drop('not-connected'); return }
     const m = v.message
     counters.gossipReceived++

@@ -21,6 +21,7 @@ import type { Digest } from '../oci/digest.js'
 import { loadOrCreatePeerKey } from './peer-key.js'
 import { PeerIndex } from './peer-index.js'
 import { ANNOUNCE_TOPIC, INVENTORY_PROTOCOL, MAX_GOSSIP_BYTES, encodeFilling, encodeUnfilling } from './messages.js'
+import { createDnsDiscovery, type DnsDiscovery } from './dns-discovery.js'
 import { createAnnouncer, gossipScoring, nextEpoch, type AnnounceCounters, type Announcer } from './announce.js'
 import { createInventory, LocalHoldings, type Inventory, type InventoryCounters } from './inventory.js'
 import type { Mesh, MeshInit, MeshStatus, PeerHolder, PeerTagRecord, PeerOutcome } from './types.js'
@@ -43,6 +44,11 @@ export type MeshNode = Mesh & { counters (): MeshCounters }
 
 const REDIAL_MS = 10_000
 const DEDUPE_RETRY_MS = [2_000, 10_000]
+/** A peer learned by peer exchange is dialed at most this often, and this many such dials at once. */
+const PEX_RETRY_MS = 60_000
+const PEX_MAX_DIALS = 8
+const HELLO_DEBOUNCE_MS = 1_500
+const HELLO_MIN_GAP_MS = 10_000
 /** How long a `filling` record lives; a fill that runs longer is announced again. */
 const FILLING_TTL_MS = 2 * 60_000
 
@@ -86,6 +92,11 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
   let inventory: Inventory | undefined
 
   const counters = { duplicateConnectionsClosed: 0 }
+  let dnsDiscovery: DnsDiscovery | undefined
+  const pexTried = new Map<string, number>()
+  let pexDialing = 0
+  let helloTimer: NodeJS.Timeout | undefined
+  let lastHelloAt = 0
   const upstreamIds = init.upstreams ?? []
   /** Fills of ours that peers were told about (digest → size, when last announced). */
   const fillingNow = new Map<Digest, { size: number, at: number }>()
@@ -143,6 +154,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     updatePeerGauge()
     log.info({ peer: peerId.toString() }, 'peer connected')
     void inventoryOnConnect(peerId)
+    helloSoon()
   }
 
   function onPeerDisconnect (evt: CustomEvent<PeerId>): void {
@@ -193,6 +205,63 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     }
   }
 
+  // ---- peer exchange ---------------------------------------------------------------------
+
+  /**
+   * A new connection changes who can hear our hello (which carries our addresses): say it again soon,
+   * but at most once per HELLO_MIN_GAP_MS, so that a node joining a large mesh costs each node one hello.
+   */
+  function helloSoon (): void {
+    if (helloTimer !== undefined) return
+    const wait = Math.max(HELLO_DEBOUNCE_MS, lastHelloAt + HELLO_MIN_GAP_MS - Date.now())
+    helloTimer = setTimeout(() => {
+      helloTimer = undefined
+      if (state !== 'started') return
+      lastHelloAt = Date.now()
+      announce?.hello()
+    }, wait)
+    helloTimer.unref()
+  }
+
+  /** Our listen addresses as peers of our peers could dial them (wildcards expanded by libp2p). */
+  function helloAddrs (): string[] {
+    if (init.peerExchange === false || node === undefined) return []
+    const all = node.getMultiaddrs().map(String)
+    // Loopback addresses help only a mesh that lives on loopback (tests, one host).
+    const routable = all.filter(a => !a.startsWith('/ip4/127.') && !a.startsWith('/ip6/::1/'))
+    return (routable.length > 0 ? routable : all).slice(0, 8)
+  }
+
+  /**
+   * A member we are not connected to told the mesh where it listens (its signed hello, relayed by
+   * gossipsub): dial it, at most once a minute per peer and a few at a time. This is how a node that
+   * knows one peer (a bootstrap address, a DNS name) comes to know the rest.
+   */
+  function learnedPeer (peerId: PeerId, addrs: string[]): void {
+    const n = node
+    if (init.peerExchange === false || n === undefined || state !== 'started' || peerId.equals(n.peerId)) return
+    if (n.getConnections(peerId).length > 0) return
+    const id = peerId.toString()
+    const now = Date.now()
+    if ((pexTried.get(id) ?? 0) > now - PEX_RETRY_MS || pexDialing >= PEX_MAX_DIALS) return
+    if (pexTried.size >= 4096) pexTried.clear()
+    pexTried.set(id, now)
+    const mas = []
+    for (const a of addrs) {
+      try {
+        const ma = multiaddr(a)
+        const p2p = ma.getComponents().findLast(c => c.name === 'p2p')?.value
+        if (p2p === undefined || p2p === id) mas.push(p2p === undefined ? ma.encapsulate(`/p2p/${id}`) : ma)
+      } catch { /* not a multiaddr: ignore it */ }
+    }
+    if (mas.length === 0) return
+    pexDialing++
+    log.debug({ peer: id, addrs: mas.map(String) }, 'dialing a peer learned from the mesh')
+    n.dial(mas, { signal: stopCtl.signal })
+      .catch((err: unknown) => log.debug({ err, peer: id }, 'peer-exchange dial failed'))
+      .finally(() => { pexDialing-- })
+  }
+
   // ---- lifecycle -------------------------------------------------------------------------
 
   async function doStart (): Promise<void> {
@@ -229,8 +298,8 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     node = n
     selfId = n.peerId.toString()
     const inv = createInventory({ logger: log, holdings, index, node: () => node }, { dataPort: init.dataPort, upstreams: upstreamIds, epoch: String(epoch), entryTtlMs })
-    const ann = createAnnouncer({ logger: log, index, node: () => node, onWithdraw: id => inv.forgetPeer(id) }, {
-      dataPort: init.dataPort, upstreams: upstreamIds, epoch, ...(init.gossipLimits !== undefined ? { limits: init.gossipLimits } : {}),
+    const ann = createAnnouncer({ logger: log, index, node: () => node, onWithdraw: id => inv.forgetPeer(id), onPeerAddrs: learnedPeer }, {
+      dataPort: init.dataPort, upstreams: upstreamIds, addrs: helloAddrs, epoch, ...(init.gossipLimits !== undefined ? { limits: init.gossipLimits } : {}),
     })
     inventory = inv
     announce = ann
@@ -263,11 +332,25 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     for (const t of timers) t.unref()
     ann.start()
     ann.hello()
+    if ((init.bootstrapDns ?? []).length > 0) {
+      dnsDiscovery = createDnsDiscovery({
+        logger: log,
+        dial: (addr) => {
+          if (state !== 'started') return
+          n.dial(multiaddr(addr), { signal: stopCtl.signal }).catch((err: unknown) => log.debug({ err, addr }, 'DNS-discovered dial failed'))
+        },
+        connectedHosts: () => new Set(n.getConnections().map(c => hostOf(c)).filter((h): h is string => h !== undefined)),
+      }, { names: init.bootstrapDns ?? [], ...(init.dnsIntervalMs !== undefined ? { intervalMs: init.dnsIntervalMs } : {}) })
+      dnsDiscovery.start()
+    }
     log.info({ peer: selfId, addrs: n.getMultiaddrs().map(String), created }, 'mesh started')
   }
 
   async function doStop (): Promise<void> {
     const n = node
+    dnsDiscovery?.stop()
+    dnsDiscovery = undefined
+    if (helloTimer !== undefined) { clearTimeout(helloTimer); helloTimer = undefined }
     for (const t of timers.splice(0)) clearInterval(t)
     unsubscribeStore?.()
     unsubscribeStore = undefined

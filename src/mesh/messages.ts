@@ -23,7 +23,7 @@ export type GossipMessage =
   | { v: 1, t: 'add', blobs: BlobEntry[] }
   | { v: 1, t: 'remove', digests: Digest[], all: boolean }
   | { v: 1, t: 'tag', entry: TagEntry }
-  | { v: 1, t: 'hello', dataPort: number, upstreams?: string[] }
+  | { v: 1, t: 'hello', dataPort: number, upstreams?: string[], addrs?: string[] }
   /** A fill in progress that peers may stream from (its size is known); short-lived, never batched. */
   | { v: 1, t: 'filling', digest: Digest, size: number, ttlMs: number }
   /** The fill announced by `filling` ended without the blob (an `add` follows instead when it succeeded). */
@@ -87,6 +87,8 @@ const tagEntry = z.object({
 
 /** Upstream ids (see upstreamId in src/content/delegation.ts): which upstreams a node fetches for the mesh. */
 const upstreamIds = z.array(z.string().regex(/^[0-9a-f]{16}$/)).max(64)
+/** Listen addresses a hello may carry (peer exchange). */
+export const MAX_HELLO_ADDRS = 8
 /** A `filling` record lives at most this long unless announced again. */
 export const MAX_FILLING_TTL_MS = 10 * 60_000
 
@@ -94,7 +96,7 @@ const gossipSchema = z.discriminatedUnion('t', [
   z.object({ t: z.literal('add'), m: z.unknown(), b: z.unknown() }),
   z.object({ t: z.literal('remove'), d: z.array(digest).max(2000).optional(), all: z.boolean().optional() }),
   z.object({ t: z.literal('tag'), upstream: z.unknown(), repo: z.unknown(), tag: z.unknown(), record: z.unknown() }),
-  z.object({ t: z.literal('hello'), dataPort: port, u: upstreamIds.optional() }),
+  z.object({ t: z.literal('hello'), dataPort: port, u: upstreamIds.optional(), a: z.array(z.string().min(1).max(256)).max(MAX_HELLO_ADDRS).optional() }),
   z.object({ t: z.literal('filling'), digest, size, ttl: z.number().int().min(1).max(MAX_FILLING_TTL_MS) }),
   z.object({ t: z.literal('unfilling'), digest }),
 ])
@@ -161,7 +163,7 @@ function gossipBody (o: Record<string, unknown>): DecodeResult<GossipMessage> {
       return e.success ? { ok: true, value: { v: 1, t: 'tag', entry: e.data } } : { ok: false, reason: 'schema' }
     }
     case 'hello':
-      return { ok: true, value: { v: 1, t: 'hello', dataPort: m.dataPort, ...(m.u !== undefined ? { upstreams: m.u } : {}) } }
+      return { ok: true, value: { v: 1, t: 'hello', dataPort: m.dataPort, ...(m.u !== undefined ? { upstreams: m.u } : {}), ...(m.a !== undefined ? { addrs: m.a } : {}) } }
     case 'filling':
       return { ok: true, value: { v: 1, t: 'filling', digest: m.digest, size: m.size, ttlMs: m.ttl } }
     case 'unfilling':
@@ -232,7 +234,8 @@ export function encodeRemoves (digests: Digest[]): Uint8Array[] {
 
 export const encodeRemoveAll = (): Uint8Array => enc({ v: WIRE_VERSION, t: 'remove', all: true })
 export const encodeTag = (e: TagEntry): Uint8Array => enc({ v: WIRE_VERSION, t: 'tag', upstream: e.upstream, repo: e.repo, tag: e.tag, record: e.record })
-export const encodeHello = (dataPort: number, upstreams: string[] = []): Uint8Array => enc({ v: WIRE_VERSION, t: 'hello', dataPort, ...(upstreams.length > 0 ? { u: upstreams } : {}) })
+export const encodeHello = (dataPort: number, upstreams: string[] = [], addrs: string[] = []): Uint8Array =>
+  enc({ v: WIRE_VERSION, t: 'hello', dataPort, ...(upstreams.length > 0 ? { u: upstreams } : {}), ...(addrs.length > 0 ? { a: addrs.slice(0, MAX_HELLO_ADDRS) } : {}) })
 export const encodeFilling = (digest: Digest, size: number, ttlMs: number): Uint8Array => enc({ v: WIRE_VERSION, t: 'filling', digest, size, ttl: ttlMs })
 export const encodeUnfilling = (digest: Digest): Uint8Array => enc({ v: WIRE_VERSION, t: 'unfilling', digest })
 

@@ -67,6 +67,11 @@ export interface MeshInit {
   /** Multiaddrs of peers to dial at start (and re-dial while disconnected); each must end in /p2p/<id>. */
   bootstrap: string[]
   mdns: boolean
+  /** DNS names resolving to peers, re-resolved every `dnsIntervalMs` (default 30 s). */
+  bootstrapDns?: Array<{ host: string, port: number }>
+  dnsIntervalMs?: number
+  /** Dial peers we learn of from other peers' announcements (default true). */
+  peerExchange?: boolean
   /** pnet pre-shared key file contents; when set, only peers with the same key can connect. */
   meshKey?: Uint8Array
   /** TCP port of our plain-HTTP data path, announced to peers. */
