@@ -8,12 +8,9 @@ import { tcp } from '@libp2p/tcp'
 import { noise } from '@chainsafe/libp2p-noise'
 import { yamux } from '@chainsafe/libp2p-yamux'
 import { identify, type Identify } from '@libp2p/identify'
-import { mdns } from '@libp2p/mdns'
-import { bootstrap } from '@libp2p/bootstrap'
 import { preSharedKey, generateKey } from '@libp2p/pnet'
 import { gossipsub, StrictSign, TopicValidatorResult, type GossipSub, type Message } from '@libp2p/gossipsub'
-import { peerIdFromPublicKey, peerIdFromString } from '@libp2p/peer-id'
-import { multiaddr } from '@multiformats/multiaddr'
+import { peerIdFromPublicKey } from '@libp2p/peer-id'
 import type { Connection, PeerId, Stream } from '@libp2p/interface'
 import type { Logger } from '../logger.js'
 import type { Metrics } from '../metrics.js'
@@ -21,6 +18,7 @@ import type { BlobStore, StoreEvent } from '../store/types.js'
 import type { Digest } from '../oci/digest.js'
 import { loadOrCreatePeerKey } from './peer-key.js'
 import { PeerIndex } from './peer-index.js'
+import { createMembership, type Membership } from './membership.js'
 import {
   ANNOUNCE_TOPIC, INVENTORY_PROTOCOL, MAX_FRAME_BYTES, MAX_GOSSIP_BYTES, FRAME_ENTRIES, LineSplitter,
   decodeGossip, decodeFrame, encodeAdds, encodeRemoves, encodeRemoveAll, encodeTag, encodeHello,
@@ -56,9 +54,7 @@ const INVENTORY_REQUEST_TIMEOUT_MS = 5_000
 const MAX_CONCURRENT_INVENTORY_RESPONSES = 8
 const ADD_BATCH_MS = 100
 const ADD_BATCH_MAX = 500
-const REDIAL_MS = 10_000
 const CONNECT_RETRY_DELAYS = [500, 2_000, 5_000]
-const DEDUPE_RETRY_MS = [2_000, 10_000]
 
 /** The pnet pre-shared key file contents (for `pullmesh keygen`). */
 export function generateMeshKey (): Uint8Array {
@@ -102,6 +98,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
   }
 
   let node: Node | undefined
+  let membership: Membership | undefined
   let selfId = ''
   let state: 'stopped' | 'starting' | 'started' | 'stopping' = 'stopped'
   let starting: Promise<void> | undefined
@@ -403,41 +400,13 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
 
   // ---- connections -----------------------------------------------------------------------
 
+  // Discovery, dialing, redial with backoff, connection tags and duplicate connections: ./membership.ts.
+  // Here: only what the index needs to know about connections.
+
   function onConnectionOpen (evt: CustomEvent<Connection>): void {
     const conn = evt.detail
-    const id = conn.remotePeer.toString()
-    index.connected(id, hostOf(conn), [conn.remoteAddr.toString()], Date.now())
+    index.connected(conn.remotePeer.toString(), hostOf(conn), [conn.remoteAddr.toString()], Date.now())
     updatePeerGauge()
-    if (node !== undefined && node.getConnections(conn.remotePeer).length > 1) {
-      const t = setTimeout(() => dedupeConnections(conn.remotePeer), 250)
-      t.unref()
-    }
-  }
-
-  /**
-   * Two nodes that dial each other at once can end up with two connections. Both sides prefer the same
-   * one (dialed by the peer with the smaller id, oldest first) and close the others, but only once a
-   * duplicate carries no open stream: gossipsub keeps one long-lived stream per peer and direction and
-   * does not re-open it elsewhere, so closing a connection that carries it would silence gossip.
-   * A duplicate that keeps carrying streams is left alone (it costs a socket, nothing more).
-   */
-  function dedupeConnections (peerId: PeerId, attempt = 0): void {
-    if (node === undefined || state !== 'started') return
-    const conns = node.getConnections(peerId).filter(c => c.status === 'open')
-    if (conns.length < 2) return
-    const preferred = selfId < peerId.toString() ? 'outbound' : 'inbound'
-    const sorted = [...conns].sort((a, b) => (Number(b.direction === preferred) - Number(a.direction === preferred)) || (a.timeline.open - b.timeline.open))
-    let busy = false
-    for (const c of sorted.slice(1)) {
-      if (c.streams.some(s => s.status === 'open')) { busy = true; continue }
-      log.debug({ peer: peerId.toString(), direction: c.direction }, 'closing duplicate connection')
-      counters.duplicateConnectionsClosed++
-      c.close().catch(() => c.abort(new Error('duplicate connection')))
-    }
-    if (busy && attempt < DEDUPE_RETRY_MS.length) {
-      const t = setTimeout(() => dedupeConnections(peerId, attempt + 1), DEDUPE_RETRY_MS[attempt])
-      t.unref()
-    }
   }
 
   function onPeerConnect (evt: CustomEvent<PeerId>): void {
@@ -455,36 +424,6 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     log.info({ peer: evt.detail.toString() }, 'peer disconnected')
   }
 
-  function onPeerDiscovery (evt: CustomEvent<{ id: PeerId }>): void {
-    const n = node
-    const peerId = evt.detail.id
-    if (n === undefined || state !== 'started' || peerId.equals(n.peerId)) return
-    // The peer with the smaller id dials at once, the other only if still unconnected later:
-    // this avoids most duplicate connections while still connecting if one direction is blocked.
-    const delay = selfId < peerId.toString() ? 0 : 1_500
-    const t = setTimeout(() => {
-      if (state !== 'started' || n.getConnections(peerId).length > 0) return
-      n.dial(peerId, { signal: stopCtl.signal }).catch((err: unknown) => log.debug({ err, peer: peerId.toString() }, 'dial failed'))
-    }, delay)
-    t.unref()
-  }
-
-  function redialBootstrap (): void {
-    const n = node
-    if (n === undefined || state !== 'started') return
-    for (const addr of init.bootstrap) {
-      try {
-        const ma = multiaddr(addr)
-        const id = ma.getComponents().findLast(c => c.name === 'p2p')?.value
-        if (id === undefined) continue
-        if (n.getConnections(peerIdFromString(id)).length > 0) continue
-        n.dial(ma, { signal: stopCtl.signal }).catch((err: unknown) => log.debug({ err, addr }, 'bootstrap dial failed'))
-      } catch (err) {
-        log.warn({ err, addr }, 'bad bootstrap address')
-      }
-    }
-  }
-
   function periodicInventory (): void {
     const n = node
     if (n === undefined || state !== 'started') return
@@ -497,9 +436,6 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
   async function doStart (): Promise<void> {
     stopCtl = new AbortController()
     const { key, created } = await loadOrCreatePeerKey(init.dataDir)
-    const peerDiscovery: NonNullable<Parameters<typeof createLibp2p>[0]>['peerDiscovery'] = []
-    if (init.mdns) peerDiscovery.push(mdns({ serviceTag: 'pullmesh.local', interval: 10_000 }))
-    if (init.bootstrap.length > 0) peerDiscovery.push(bootstrap({ list: init.bootstrap, timeout: 50 }))
     const n: Node = await createLibp2p({
       start: false,
       privateKey: key,
@@ -508,7 +444,6 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
       connectionEncrypters: [noise()],
       streamMuxers: [yamux()],
       ...(init.meshKey !== undefined ? { connectionProtector: preSharedKey({ psk: init.meshKey }) } : {}),
-      peerDiscovery,
       services: {
         identify: identify(),
         pubsub: gossipsub({
@@ -523,11 +458,11 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     })
     node = n
     selfId = n.peerId.toString()
+    membership = createMembership({ logger: log, node: n }, { bootstrap: init.bootstrap, mdns: init.mdns })
     await n.handle(INVENTORY_PROTOCOL, serveInventory, { maxInboundStreams: 4, maxOutboundStreams: 4 })
     n.addEventListener('connection:open', onConnectionOpen)
     n.addEventListener('peer:connect', onPeerConnect)
     n.addEventListener('peer:disconnect', onPeerDisconnect)
-    n.addEventListener('peer:discovery', onPeerDiscovery)
     n.services.pubsub.topicValidators.set(ANNOUNCE_TOPIC, validate)
     n.services.pubsub.addEventListener('message', onMessage)
 
@@ -540,8 +475,8 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     state = 'started'
     timers.push(setInterval(periodicInventory, inventoryIntervalMs))
     timers.push(setInterval(() => { index.expire(Date.now()); for (const id of lastInventory.keys()) if (!index.has(id)) lastInventory.delete(id) }, Math.max(200, Math.min(5_000, Math.floor(peerTtlMs / 4)))))
-    if (init.bootstrap.length > 0) timers.push(setInterval(redialBootstrap, REDIAL_MS))
     for (const t of timers) t.unref()
+    await membership.start()
     flush()
     void publish(encodeHello(init.dataPort))
     log.info({ peer: selfId, addrs: n.getMultiaddrs().map(String), created }, 'mesh started')
@@ -563,12 +498,12 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
       }
       state = 'stopping'
       stopCtl.abort()
+      await membership?.stop()
       n.services.pubsub.removeEventListener('message', onMessage)
       n.removeEventListener('connection:open', onConnectionOpen)
       n.removeEventListener('peer:connect', onPeerConnect)
       n.removeEventListener('peer:disconnect', onPeerDisconnect)
-      n.removeEventListener('peer:discovery', onPeerDiscovery)
-      await n.stop()
+        await n.stop()
     }
     await Promise.allSettled([...inventoryInFlight.values()])
     await publishChain
@@ -588,6 +523,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
         stopCtl.abort()
         unsubscribeStore?.()
         unsubscribeStore = undefined
+        try { await membership?.stop() } catch { /* already failing */ }
         try { await node?.stop() } catch { /* already failing */ }
         node = undefined
         state = 'stopped'
@@ -628,7 +564,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     },
 
     counters (): MeshCounters {
-      return { ...counters, gossipDropped: { ...counters.gossipDropped } }
+      return { ...counters, gossipDropped: { ...counters.gossipDropped }, duplicateConnectionsClosed: membership?.counters().duplicateConnectionsClosed ?? 0 }
     },
   }
 }
