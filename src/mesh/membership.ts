@@ -91,7 +91,7 @@ export class RedialTable {
     this.policy = init.policy ?? DEFAULT_BACKOFF
     this.maxPeers = init.maxPeers ?? 256
     this.forgetAfterMs = init.forgetAfterMs ?? 60 * 60_000
-    this.tieDelayMs = init.tieDelayMs ?? 1_000
+    this.tieDelayMs = init.tieDelayMs ?? 300
     this.sightingGapMs = init.sightingGapMs ?? 2_000
     this.random = init.random ?? Math.random
   }
