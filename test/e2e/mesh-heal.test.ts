@@ -230,6 +230,27 @@ describe('e2e: the mesh heals after partitions, link cuts and restarts (mDNS onl
     await pullBlobsUpstreamDown([cut], 'cut', img)
   }, 180_000)
 
+  it('a node frozen for 20 s (SIGSTOP, like a laptop asleep) is reconnected by all once it resumes', async () => {
+    const frozen = N(1)
+    const rest = nodes.filter(n => n !== frozen)
+    const stoppedAt = Date.now()
+    process.kill(frozen.d.pid, 'SIGSTOP')
+    try {
+      // The others' connection monitor drops it (its pings go unanswered); it cannot answer status meanwhile.
+      await waitFor(async () => {
+        for (const n of rest) if ((await status(n.net)).mesh.peers.some(p => p.connected && p.peerId === frozen.peerId)) return false
+        return true
+      }, { timeoutMs: 60_000, intervalMs: 500, what: 'the others to drop the frozen node' })
+      const left = CUT_MS - (Date.now() - stoppedAt)
+      if (left > 0) await new Promise(resolve => setTimeout(resolve, left))
+    } finally {
+      process.kill(frozen.d.pid, 'SIGCONT')
+    }
+    const resumedAt = Date.now()
+    const ms = await waitHealed(nodes, resumedAt)
+    report.push(`node 1 frozen (SIGSTOP) for ${fmt(resumedAt - stoppedAt)}: healed ${fmt(ms)} after SIGCONT`)
+  }, 120_000)
+
   it('a node restarted on the same data dir (SIGTERM, SIGKILL) is reconnected by every other node', async () => {
     const l = L()
     const img = await pushImage('restart')
@@ -252,9 +273,10 @@ describe('e2e: the mesh heals after partitions, link cuts and restarts (mDNS onl
         // Every other node logs "peer connected" for it.
         await waitFor(() => others.every(o => logTimes(o, 'peer connected', fresh.peerId).some(t => t >= meshStarted - 1000)), { timeoutMs: HEAL_BOUND_MS, intervalMs: 50, what: `every node to reconnect to restarted node ${i}` })
           .catch((e: unknown) => { throw new Error(`${String(e)}\n` + [fresh, ...others].map(n => `--- node ${n.net.index} ---\n${n.d.logs().slice(-12).join('\n')}`).join('\n')) })
-        const rejoin = Math.max(...others.map(o => Math.min(...logTimes(o, 'peer connected', fresh.peerId).filter(t => t >= meshStarted - 1000)))) - meshStarted
+        const each = others.map(o => Math.min(...logTimes(o, 'peer connected', fresh.peerId).filter(t => t >= meshStarted - 1000))- meshStarted)
+        const rejoin = Math.max(...each)
         const healed = await waitHealed(nodes, meshStarted)
-        report.push(`restart of node ${i} (${signal}${blockOutbound ? ', its own dials blocked' : ''}): "mesh started" → connected by all ${fmt(rejoin)}, → full mesh with holdings known (status polled) ${fmt(healed)}`)
+        report.push(`restart of node ${i} (${signal}${blockOutbound ? ', its own dials blocked' : ''}): "mesh started" → connected by all ${fmt(rejoin)} (nodes ${others.map((o, k) => `${o.net.index}: ${fmt(each[k] ?? NaN)}`).join(', ')}), → full mesh with holdings known (status polled) ${fmt(healed)}`)
         return rejoin
       } finally {
         if (blockOutbound) await l.exec(old.net.ns, 'iptables', ['-D', 'OUTPUT', '-p', 'tcp', '--dport', '4001', '--syn', '-j', 'DROP'])
