@@ -273,7 +273,7 @@ describe('e2e: the mesh heals after partitions, link cuts and restarts (mDNS onl
         // Every other node logs "peer connected" for it.
         await waitFor(() => others.every(o => logTimes(o, 'peer connected', fresh.peerId).some(t => t >= meshStarted - 1000)), { timeoutMs: HEAL_BOUND_MS, intervalMs: 50, what: `every node to reconnect to restarted node ${i}` })
           .catch((e: unknown) => { throw new Error(`${String(e)}\n` + [fresh, ...others].map(n => `--- node ${n.net.index} ---\n${n.d.logs().slice(-12).join('\n')}`).join('\n')) })
-        const each = others.map(o => Math.min(...logTimes(o, 'peer connected', fresh.peerId).filter(t => t >= meshStarted - 1000))- meshStarted)
+        const each = others.map(o => Math.min(...logTimes(o, 'peer connected', fresh.peerId).filter(t => t >= meshStarted - 1000)) - meshStarted)
         const rejoin = Math.max(...each)
         const healed = await waitHealed(nodes, meshStarted)
         report.push(`restart of node ${i} (${signal}${blockOutbound ? ', its own dials blocked' : ''}): "mesh started" → connected by all ${fmt(rejoin)} (nodes ${others.map((o, k) => `${o.net.index}: ${fmt(each[k] ?? NaN)}`).join(', ')}), → full mesh with holdings known (status polled) ${fmt(healed)}`)
