@@ -55,6 +55,11 @@ export interface RedialTableInit {
   tieDelayMs?: number
   /** A sighting brings a pending redial forward, but never closer than this to the previous attempt. */
   sightingGapMs?: number
+  /**
+   * Sightings shortcut the backoff only for the first this-many failed attempts: a peer that answers
+   * mDNS but cannot be reached (another mesh key, a firewall) then costs one dial per backoff period.
+   */
+  maxSightingShortcuts?: number
   random?: () => number
 }
 
@@ -85,6 +90,7 @@ export class RedialTable {
   private readonly forgetAfterMs: number
   private readonly tieDelayMs: number
   private readonly sightingGapMs: number
+  private readonly maxSightingShortcuts: number
   private readonly random: () => number
 
   constructor (private readonly init: RedialTableInit) {
@@ -93,6 +99,7 @@ export class RedialTable {
     this.forgetAfterMs = init.forgetAfterMs ?? 60 * 60_000
     this.tieDelayMs = init.tieDelayMs ?? 300
     this.sightingGapMs = init.sightingGapMs ?? 2_000
+    this.maxSightingShortcuts = init.maxSightingShortcuts ?? 8
     this.random = init.random ?? Math.random
   }
 
@@ -127,13 +134,15 @@ export class RedialTable {
   /**
    * Discovery saw the peer (an mDNS response, a bootstrap entry): it is probably reachable now. An
    * unconnected peer is dialed at once (after the tie delay if our id is the larger), or, if a dial
-   * was tried recently, `sightingGapMs` after that attempt: a sighting shortcuts a long backoff.
+   * was tried recently, `sightingGapMs` after that attempt: a sighting shortcuts a long backoff
+   * (for the first `maxSightingShortcuts` failed attempts).
    */
   seen (id: string, now: number, o: { pinned?: boolean } = {}): void {
     const e = this.entry(id, now, o.pinned === true)
     if (e === undefined) return
     e.lastSeenAt = now
     if (e.connected || e.dialing) return
+    if (e.nextAt !== undefined && e.attempts >= this.maxSightingShortcuts) return
     const at = Math.max(now + this.tie(id), e.lastAttemptAt + this.sightingGapMs)
     if (e.nextAt === undefined || at < e.nextAt) e.nextAt = at
   }

@@ -100,6 +100,20 @@ describe('RedialTable', () => {
     expect(t.get('z')?.nextAt).toBe(now + 2_000) // never later than already planned
   })
 
+  it('a peer that keeps failing gets no more sighting shortcuts after maxSightingShortcuts attempts', () => {
+    const t = table({ maxSightingShortcuts: 3 })
+    t.seen('z', 0)
+    let now = 0
+    for (let i = 0; i < 3; i++) { now = t.get('z')?.nextAt as number; t.due(now, 10); t.dialEnded('z', now, false) }
+    const planned = t.get('z')?.nextAt as number
+    expect(planned - now).toBe(2_000) // 250 · 2³
+    t.seen('z', now + 100)
+    expect(t.get('z')?.nextAt).toBe(planned) // backoff only: the sighting changes nothing
+    t.connected('z', now + 200)
+    t.disconnected('z', now + 300)
+    expect(t.get('z')?.attempts).toBe(0) // a connection resets it
+  })
+
   it('a dial that fails after the peer connected some other way schedules nothing', () => {
     const t = table()
     t.seen('z', 0)
