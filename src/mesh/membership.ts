@@ -147,6 +147,19 @@ export class RedialTable {
     if (e.nextAt === undefined || at < e.nextAt) e.nextAt = at
   }
 
+  /**
+   * Someone on the LAN just asked who is there (an mDNS query for our service): often a node that has
+   * (re)started. Pending redials of peers we were connected to are brought forward to now (after the
+   * tie delay), at most `nudgeGapMs` after their previous attempt, within the shortcut budget.
+   */
+  nudged (now: number, nudgeGapMs = 250): void {
+    for (const e of this.peers.values()) {
+      if (e.connected || e.dialing || !e.wasConnected || e.nextAt === undefined || e.attempts >= this.maxSightingShortcuts) continue
+      const at = Math.max(now + this.tie(e.id), e.lastAttemptAt + nudgeGapMs)
+      if (at < e.nextAt) e.nextAt = at
+    }
+  }
+
   connected (id: string, now: number): void {
     const e = this.entry(id, now, false)
     if (e === undefined) return
@@ -235,6 +248,8 @@ export interface MembershipInit {
 
 export interface MembershipCounters {
   sightings: number
+  /** mDNS queries for our service heard (each nudges pending redials). */
+  queriesHeard: number
   dials: number
   dialFailures: number
   /** Dials of a peer we were connected to before (after a disconnect). */
@@ -254,6 +269,9 @@ export interface Membership {
 }
 
 const DEDUPE_RETRY_MS = [2_000, 10_000]
+
+type QueryListener = (packet: { questions?: Array<{ name?: string }> }) => void
+interface QuerySocket { on: (e: 'query', f: QueryListener) => unknown, removeListener: (e: 'query', f: QueryListener) => unknown }
 const FORGET_SWEEP_MS = 60_000
 
 /** The IP-less address of a multiaddr: `/ip4/…/tcp/…/p2p/ID` → `/ip4/…/tcp/…` and ID. */
@@ -278,7 +296,7 @@ export function createMembership (components: MembershipComponents, init: Member
   })
   const maxParallel = init.maxParallelDials ?? 4
   const dialTimeoutMs = init.dialTimeoutMs ?? 10_000
-  const counters: MembershipCounters = { sightings: 0, dials: 0, dialFailures: 0, redials: 0, forgotten: 0, duplicateConnectionsClosed: 0 }
+  const counters: MembershipCounters = { sightings: 0, queriesHeard: 0, dials: 0, dialFailures: 0, redials: 0, forgotten: 0, duplicateConnectionsClosed: 0 }
   const bootstrap = new Map<string, Multiaddr[]>()
   for (const addr of init.bootstrap) {
     try {
@@ -296,7 +314,9 @@ export function createMembership (components: MembershipComponents, init: Member
   let inflight = 0
   const dials = new Set<Promise<void>>()
   let tickTimer: NodeJS.Timeout | undefined
+  let mdnsSocket: QuerySocket | undefined
   let sweepTimer: NodeJS.Timeout | undefined
+  const serviceTag = init.mdnsServiceTag ?? 'pullmesh.local'
   let discovery: { start: () => Promise<void> | void, stop: () => Promise<void> | void, addEventListener: (t: 'peer', f: (e: CustomEvent<PeerInfo>) => void) => void, removeEventListener: (t: 'peer', f: (e: CustomEvent<PeerInfo>) => void) => void } | undefined
 
   function tag (peerId: PeerId, on: boolean): void {
@@ -349,6 +369,13 @@ export function createMembership (components: MembershipComponents, init: Member
     // We run mDNS ourselves, so the addresses go into the peer store here (libp2p does that only for its own discovery services).
     node.peerStore.merge(peer.id, { multiaddrs: peer.multiaddrs })
       .then(() => { sighted(id, false) }, (err: unknown) => log.debug({ err, peer: id }, 'could not store discovered addresses'))
+  }
+
+  /** An mDNS query for our service: a node may just have come (back) up, so redial recently lost peers now. */
+  function onMdnsQuery (packet: { questions?: Array<{ name?: string }> }): void {
+    if (!started || packet.questions?.some(q => q.name === serviceTag) !== true) return
+    counters.queriesHeard++
+    table.nudged(Date.now())
   }
 
   /** `peer:discovery` from libp2p (other discovery paths, e.g. identify): the peer is new to the peer store. */
@@ -428,13 +455,16 @@ export function createMembership (components: MembershipComponents, init: Member
       sweepTimer = setInterval(sweep, FORGET_SWEEP_MS)
       sweepTimer.unref()
       if (init.mdns) {
-        const d = mdns({ serviceTag: init.mdnsServiceTag ?? 'pullmesh.local', interval: init.mdnsIntervalMs ?? 10_000 })({
+        const d = mdns({ serviceTag, interval: init.mdnsIntervalMs ?? 10_000 })({
           logger: node.logger,
           addressManager: { getAddresses: () => node.getMultiaddrs() },
         } as unknown as Parameters<ReturnType<typeof mdns>>[0])
         d.addEventListener('peer', onDiscoveryPeer)
         discovery = d as unknown as typeof discovery
         await (d as unknown as { start: () => Promise<void> }).start()
+        // The service emits only responses; its multicast-dns socket (not part of its typed API) also sees queries.
+        mdnsSocket = (d as unknown as { mdns?: QuerySocket }).mdns
+        mdnsSocket?.on('query', onMdnsQuery)
       }
       tick()
     },
@@ -449,6 +479,8 @@ export function createMembership (components: MembershipComponents, init: Member
       node.removeEventListener('peer:disconnect', onPeerDisconnect)
       node.removeEventListener('connection:open', onConnectionOpen)
       node.removeEventListener('peer:discovery', onLibp2pDiscovery)
+      mdnsSocket?.removeListener('query', onMdnsQuery)
+      mdnsSocket = undefined
       const d = discovery
       discovery = undefined
       if (d !== undefined) {

@@ -114,6 +114,28 @@ describe('RedialTable', () => {
     expect(t.get('z')?.attempts).toBe(0) // a connection resets it
   })
 
+  it('an mDNS query nudges pending redials of lost peers forward, never of strangers or exhausted peers', () => {
+    const t = table({ maxSightingShortcuts: 3 })
+    t.connected('z4', 0); t.disconnected('z4', 0)
+    let now = 0
+    for (let i = 0; i < 3; i++) { now = t.get('z4')?.nextAt as number; expect(t.due(now, 10)).toEqual(['z4']); t.dialEnded('z4', now, false) }
+    const z4 = t.get('z4')?.nextAt as number // exhausted: 3 failed attempts
+    const b = now
+    t.connected('z1', b); t.disconnected('z1', b) // lost, due at b + 250
+    t.connected('a', b); t.disconnected('a', b) // lost, we are the larger id: b + 650
+    t.seen('z2', b) // never connected
+    t.connected('z3', b) // connected: nothing to do
+    expect(t.due(b + 250, 10)).toEqual(['z2', 'z1'])
+    t.dialEnded('z1', b + 250, false) // next at b + 750
+    t.dialEnded('z2', b + 250, false) // next at b + 750
+    t.nudged(b + 300)
+    expect(t.get('z1')?.nextAt).toBe(b + 500) // 250 ms after its last attempt
+    expect(t.get('a')?.nextAt).toBe(b + 650) // already due before b + 300 + tie 400
+    expect(t.get('z2')?.nextAt).toBe(b + 750)
+    expect(t.get('z3')?.nextAt).toBeUndefined()
+    expect(t.get('z4')?.nextAt).toBe(z4)
+  })
+
   it('a dial that fails after the peer connected some other way schedules nothing', () => {
     const t = table()
     t.seen('z', 0)
