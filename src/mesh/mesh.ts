@@ -458,7 +458,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     })
     node = n
     selfId = n.peerId.toString()
-    membership = createMembership({ logger: log, node: n }, { bootstrap: init.bootstrap, mdns: init.mdns })
+    membership = createMembership({ logger: components.logger, node: n }, { bootstrap: init.bootstrap, mdns: init.mdns })
     await n.handle(INVENTORY_PROTOCOL, serveInventory, { maxInboundStreams: 4, maxOutboundStreams: 4 })
     n.addEventListener('connection:open', onConnectionOpen)
     n.addEventListener('peer:connect', onPeerConnect)
