@@ -238,6 +238,7 @@ export interface MembershipInit {
   forgetAfterMs?: number
   tieDelayMs?: number
   sightingGapMs?: number
+  maxSightingShortcuts?: number
   /** Dials in flight at once (default 4). */
   maxParallelDials?: number
   /** Per dial (default 10 s). */
@@ -269,12 +270,12 @@ export interface Membership {
 }
 
 const DEDUPE_RETRY_MS = [2_000, 10_000]
+const FORGET_SWEEP_MS = 60_000
 
 type QueryListener = (packet: { questions?: Array<{ name?: string }> }) => void
 interface QuerySocket { on: (e: 'query', f: QueryListener) => unknown, removeListener: (e: 'query', f: QueryListener) => unknown }
-const FORGET_SWEEP_MS = 60_000
 
-/** The IP-less address of a multiaddr: `/ip4/…/tcp/…/p2p/ID` → `/ip4/…/tcp/…` and ID. */
+/** A bootstrap multiaddr split into the peer id and the address without it: `/ip4/…/tcp/…/p2p/ID` → ID, `/ip4/…/tcp/…`. */
 function splitPeerAddr (addr: string): { id: string, ma: Multiaddr } | undefined {
   const full = multiaddr(addr)
   const id = full.getComponents().findLast(c => c.name === 'p2p')?.value
@@ -293,6 +294,7 @@ export function createMembership (components: MembershipComponents, init: Member
     ...(init.forgetAfterMs !== undefined ? { forgetAfterMs: init.forgetAfterMs } : {}),
     ...(init.tieDelayMs !== undefined ? { tieDelayMs: init.tieDelayMs } : {}),
     ...(init.sightingGapMs !== undefined ? { sightingGapMs: init.sightingGapMs } : {}),
+    ...(init.maxSightingShortcuts !== undefined ? { maxSightingShortcuts: init.maxSightingShortcuts } : {}),
   })
   const maxParallel = init.maxParallelDials ?? 4
   const dialTimeoutMs = init.dialTimeoutMs ?? 10_000
