@@ -133,6 +133,7 @@ async function pushImage (name: string): Promise<BuiltImage> {
 async function skopeoPull (n: Node, name: string, img: BuiltImage): Promise<void> {
   const out = await mkdtemp(join(work, 'skopeo-'))
   await L().exec(n.net.ns, 'skopeo', ['copy', '--quiet', '--src-tls-verify=false', `docker://${n.net.ip}:5000/${UP}/library/${name}:1`, `dir:${join(out, 'img')}`], { timeoutMs: 120_000 })
+    .catch((e: unknown) => { throw new Error(`${String(e)}\n--- node ${n.net.index} ---\n${n.d.logs().filter(l => !l.includes('/pullmesh/v1/status')).slice(-25).join('\n')}`) })
   await verifySkopeoDir(join(out, 'img'), img)
   await rm(out, { recursive: true, force: true })
 }

@@ -188,11 +188,24 @@ export async function createNetnsLab (o: { nodes: number }): Promise<NetnsLab> {
     if (errors.length > 0) throw new Error(`netns teardown: ${errors.join('; ')}`)
   }
 
-  async function cutLink (node: NetnsNode): Promise<void> { await ip('-n', hub, 'link', 'set', `veth${node.index}`, 'down') }
+  // A bridge takes the lowest MAC among its ports unless one is set: moving ports away and back would
+  // change br0's MAC under the nodes' ARP caches, and the hub (the upstream) would vanish for a while.
+  let macPinned = false
+  async function pinBridgeMac (): Promise<void> {
+    if (macPinned) return
+    const r = await run('ip', ['-j', '-n', hub, 'link', 'show', 'br0'], { timeoutMs: 10_000 })
+    const mac = (JSON.parse(r.stdout) as Array<{ address?: string }>)[0]?.address
+    if (mac === undefined) throw new Error('no MAC address on br0')
+    await ip('-n', hub, 'link', 'set', 'br0', 'address', mac)
+    macPinned = true
+  }
+
+  async function cutLink (node: NetnsNode): Promise<void> { await pinBridgeMac(); await ip('-n', hub, 'link', 'set', `veth${node.index}`, 'down') }
   async function restoreLink (node: NetnsNode): Promise<void> { await ip('-n', hub, 'link', 'set', `veth${node.index}`, 'up') }
 
   let br1 = false
   async function splitBridge (side: readonly NetnsNode[]): Promise<void> {
+    await pinBridgeMac()
     if (!br1) {
       await ip('-n', hub, 'link', 'add', 'br1', 'type', 'bridge')
       await ip('-n', hub, 'link', 'set', 'br1', 'type', 'bridge', 'mcast_snooping', '0')
