@@ -39,7 +39,7 @@ async function startNode (o: { key?: PrivateKey, port?: number, bootstrap?: stri
     services: { identify: identify() },
   })
   await node.start()
-  const membership = createMembership({ logger: createLogger(process.env.PM_DEBUG === '1' ? 'debug' : 'silent'), node }, { bootstrap: o.bootstrap ?? [], mdns: false })
+  const membership = createMembership({ logger: createLogger('silent'), node }, { bootstrap: o.bootstrap ?? [], mdns: false })
   await membership.start()
   let stopped = false
   const stop = async (): Promise<void> => {
