@@ -7,11 +7,8 @@ import { tcp } from '@libp2p/tcp'
 import { noise } from '@chainsafe/libp2p-noise'
 import { yamux } from '@chainsafe/libp2p-yamux'
 import { identify, type Identify } from '@libp2p/identify'
-import { mdns } from '@libp2p/mdns'
-import { bootstrap } from '@libp2p/bootstrap'
 import { preSharedKey, generateKey } from '@libp2p/pnet'
 import { gossipsub, StrictSign, type GossipSub } from '@libp2p/gossipsub'
-import { peerIdFromString } from '@libp2p/peer-id'
 import { multiaddr } from '@multiformats/multiaddr'
 import type { Connection, PeerId } from '@libp2p/interface'
 import type { Logger } from '../logger.js'
@@ -22,6 +19,7 @@ import { loadOrCreatePeerKey } from './peer-key.js'
 import { PeerIndex } from './peer-index.js'
 import { ANNOUNCE_TOPIC, INVENTORY_PROTOCOL, MAX_GOSSIP_BYTES, encodeFilling, encodeUnfilling } from './messages.js'
 import { createDnsDiscovery, type DnsDiscovery } from './dns-discovery.js'
+import { createMembership, type Membership } from './membership.js'
 import { createAnnouncer, gossipScoring, nextEpoch, type AnnounceCounters, type Announcer } from './announce.js'
 import { createInventory, LocalHoldings, type Inventory, type InventoryCounters } from './inventory.js'
 import type { Mesh, MeshInit, MeshStatus, PeerHolder, PeerTagRecord, PeerOutcome } from './types.js'
@@ -42,8 +40,6 @@ export interface MeshCounters extends AnnounceCounters, InventoryCounters {
 
 export type MeshNode = Mesh & { counters (): MeshCounters }
 
-const REDIAL_MS = 10_000
-const DEDUPE_RETRY_MS = [2_000, 10_000]
 /** A peer learned by peer exchange is dialed at most this often, and this many such dials at once. */
 const PEX_RETRY_MS = 60_000
 const PEX_MAX_DIALS = 8
@@ -80,6 +76,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
   let holdings = new LocalHoldings()
 
   let node: Node | undefined
+  let membership: Membership | undefined
   let selfId = ''
   let state: 'stopped' | 'starting' | 'started' | 'stopping' = 'stopped'
   let starting: Promise<void> | undefined
@@ -91,7 +88,6 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
   let announce: Announcer | undefined
   let inventory: Inventory | undefined
 
-  const counters = { duplicateConnectionsClosed: 0 }
   let dnsDiscovery: DnsDiscovery | undefined
   const pexTried = new Map<string, number>()
   let pexDialing = 0
@@ -110,41 +106,13 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
 
   // ---- connections -----------------------------------------------------------------------
 
+  // Discovery, dialing, redial with backoff, connection tags and duplicate connections: ./membership.ts.
+  // Here: only what the index needs to know about connections.
+
   function onConnectionOpen (evt: CustomEvent<Connection>): void {
     const conn = evt.detail
-    const id = conn.remotePeer.toString()
-    index.connected(id, hostOf(conn), [conn.remoteAddr.toString()], Date.now())
+    index.connected(conn.remotePeer.toString(), hostOf(conn), [conn.remoteAddr.toString()], Date.now())
     updatePeerGauge()
-    if (node !== undefined && node.getConnections(conn.remotePeer).length > 1) {
-      const t = setTimeout(() => dedupeConnections(conn.remotePeer), 250)
-      t.unref()
-    }
-  }
-
-  /**
-   * Two nodes that dial each other at once can end up with two connections. Both sides prefer the same
-   * one (dialed by the peer with the smaller id, oldest first) and close the others, but only once a
-   * duplicate carries no open stream: gossipsub keeps one long-lived stream per peer and direction and
-   * does not re-open it elsewhere, so closing a connection that carries it would silence gossip.
-   * A duplicate that keeps carrying streams is left alone (it costs a socket, nothing more).
-   */
-  function dedupeConnections (peerId: PeerId, attempt = 0): void {
-    if (node === undefined || state !== 'started') return
-    const conns = node.getConnections(peerId).filter(c => c.status === 'open')
-    if (conns.length < 2) return
-    const preferred = selfId < peerId.toString() ? 'outbound' : 'inbound'
-    const sorted = [...conns].sort((a, b) => (Number(b.direction === preferred) - Number(a.direction === preferred)) || (a.timeline.open - b.timeline.open))
-    let busy = false
-    for (const c of sorted.slice(1)) {
-      if (c.streams.some(s => s.status === 'open')) { busy = true; continue }
-      log.debug({ peer: peerId.toString(), direction: c.direction }, 'closing duplicate connection')
-      counters.duplicateConnectionsClosed++
-      c.close().catch(() => c.abort(new Error('duplicate connection')))
-    }
-    if (busy && attempt < DEDUPE_RETRY_MS.length) {
-      const t = setTimeout(() => dedupeConnections(peerId, attempt + 1), DEDUPE_RETRY_MS[attempt])
-      t.unref()
-    }
   }
 
   function onPeerConnect (evt: CustomEvent<PeerId>): void {
@@ -161,36 +129,6 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     index.disconnected(evt.detail.toString(), Date.now())
     updatePeerGauge()
     log.info({ peer: evt.detail.toString() }, 'peer disconnected')
-  }
-
-  function onPeerDiscovery (evt: CustomEvent<{ id: PeerId }>): void {
-    const n = node
-    const peerId = evt.detail.id
-    if (n === undefined || state !== 'started' || peerId.equals(n.peerId)) return
-    // The peer with the smaller id dials at once, the other only if still unconnected later:
-    // this avoids most duplicate connections while still connecting if one direction is blocked.
-    const delay = selfId < peerId.toString() ? 0 : 1_500
-    const t = setTimeout(() => {
-      if (state !== 'started' || n.getConnections(peerId).length > 0) return
-      n.dial(peerId, { signal: stopCtl.signal }).catch((err: unknown) => log.debug({ err, peer: peerId.toString() }, 'dial failed'))
-    }, delay)
-    t.unref()
-  }
-
-  function redialBootstrap (): void {
-    const n = node
-    if (n === undefined || state !== 'started') return
-    for (const addr of init.bootstrap) {
-      try {
-        const ma = multiaddr(addr)
-        const id = ma.getComponents().findLast(c => c.name === 'p2p')?.value
-        if (id === undefined) continue
-        if (n.getConnections(peerIdFromString(id)).length > 0) continue
-        n.dial(ma, { signal: stopCtl.signal }).catch((err: unknown) => log.debug({ err, addr }, 'bootstrap dial failed'))
-      } catch (err) {
-        log.warn({ err, addr }, 'bad bootstrap address')
-      }
-    }
   }
 
   function periodicInventory (): void {
@@ -269,9 +207,6 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     const { key, created } = await loadOrCreatePeerKey(init.dataDir)
     const epoch = await nextEpoch(init.dataDir)
     holdings = new LocalHoldings()
-    const peerDiscovery: NonNullable<Parameters<typeof createLibp2p>[0]>['peerDiscovery'] = []
-    if (init.mdns) peerDiscovery.push(mdns({ serviceTag: 'pullmesh.local', interval: 10_000 }))
-    if (init.bootstrap.length > 0) peerDiscovery.push(bootstrap({ list: init.bootstrap, timeout: 50 }))
     const n: Node = await createLibp2p({
       start: false,
       privateKey: key,
@@ -280,7 +215,6 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
       connectionEncrypters: [noise()],
       streamMuxers: [yamux()],
       ...(init.meshKey !== undefined ? { connectionProtector: preSharedKey({ psk: init.meshKey }) } : {}),
-      peerDiscovery,
       services: {
         identify: identify(),
         pubsub: gossipsub({
@@ -303,11 +237,11 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     })
     inventory = inv
     announce = ann
+    membership = createMembership({ logger: components.logger, node: n }, { bootstrap: init.bootstrap, mdns: init.mdns })
     await n.handle(INVENTORY_PROTOCOL, inv.serve, { maxInboundStreams: 4, maxOutboundStreams: 4 })
     n.addEventListener('connection:open', onConnectionOpen)
     n.addEventListener('peer:connect', onPeerConnect)
     n.addEventListener('peer:disconnect', onPeerDisconnect)
-    n.addEventListener('peer:discovery', onPeerDiscovery)
     n.services.pubsub.topicValidators.set(ANNOUNCE_TOPIC, ann.validate)
     n.services.pubsub.addEventListener('message', ann.onMessage)
 
@@ -328,8 +262,8 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     inv.start()
     timers.push(setInterval(periodicInventory, inventoryIntervalMs))
     timers.push(setInterval(() => { index.expire(Date.now()); inv.expire() }, Math.max(200, Math.min(5_000, Math.floor(peerTtlMs / 4)))))
-    if (init.bootstrap.length > 0) timers.push(setInterval(redialBootstrap, REDIAL_MS))
     for (const t of timers) t.unref()
+    await membership.start()
     ann.start()
     ann.hello()
     if ((init.bootstrapDns ?? []).length > 0) {
@@ -364,12 +298,12 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
       }
       state = 'stopping'
       stopCtl.abort()
+      await membership?.stop()
       if (announce !== undefined) n.services.pubsub.removeEventListener('message', announce.onMessage)
       n.removeEventListener('connection:open', onConnectionOpen)
       n.removeEventListener('peer:connect', onPeerConnect)
       n.removeEventListener('peer:disconnect', onPeerDisconnect)
-      n.removeEventListener('peer:discovery', onPeerDiscovery)
-      await n.stop()
+        await n.stop()
     }
     await inventory?.stop()
     await announce?.stop()
@@ -389,6 +323,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
         stopCtl.abort()
         unsubscribeStore?.()
         unsubscribeStore = undefined
+        try { await membership?.stop() } catch { /* already failing */ }
         await inventory?.stop()
         await announce?.stop()
         try { await node?.stop() } catch { /* already failing */ }
@@ -468,7 +403,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
       }
       const mem = index.memory()
       return {
-        ...a, ...i, ...counters,
+        ...a, ...i, duplicateConnectionsClosed: membership?.counters().duplicateConnectionsClosed ?? 0,
         indexEvicted: index.evictions.evicted, indexRefused: index.evictions.refused, indexPeersEvicted: index.evictions.peersEvicted,
         indexBytes: mem.used, indexMaxBytes: mem.max,
       }

@@ -57,6 +57,17 @@ export interface NetnsLab {
   httpGet: (ns: string, url: string, o?: { timeoutMs?: number }) => Promise<{ status: number, body: string }>
   /** Idempotent: kill tracked processes by PID, delete every namespace created. */
   teardown: () => Promise<void>
+  /** Pulls a node's cable: its veth port on the hub goes down (the node keeps its address and routes, with no carrier). */
+  cutLink: (node: NetnsNode) => Promise<void>
+  /** Plugs the cable back in. */
+  restoreLink: (node: NetnsNode) => Promise<void>
+  /**
+   * Splits the LAN: the given nodes' ports move to a second bridge in the hub (br1, no address), so
+   * they reach each other but neither the other nodes nor the hub (the upstream). Idempotent.
+   */
+  splitBridge: (side: readonly NetnsNode[]) => Promise<void>
+  /** Moves every node's port back to br0. */
+  healBridge: () => Promise<void>
 }
 
 /** `net:[4026531840]` for a PID (or 'self'). */
@@ -177,6 +188,36 @@ export async function createNetnsLab (o: { nodes: number }): Promise<NetnsLab> {
     if (errors.length > 0) throw new Error(`netns teardown: ${errors.join('; ')}`)
   }
 
+  // A bridge takes the lowest MAC among its ports unless one is set: moving ports away and back would
+  // change br0's MAC under the nodes' ARP caches, and the hub (the upstream) would vanish for a while.
+  let macPinned = false
+  async function pinBridgeMac (): Promise<void> {
+    if (macPinned) return
+    const r = await run('ip', ['-j', '-n', hub, 'link', 'show', 'br0'], { timeoutMs: 10_000 })
+    const mac = (JSON.parse(r.stdout) as Array<{ address?: string }>)[0]?.address
+    if (mac === undefined) throw new Error('no MAC address on br0')
+    await ip('-n', hub, 'link', 'set', 'br0', 'address', mac)
+    macPinned = true
+  }
+
+  async function cutLink (node: NetnsNode): Promise<void> { await pinBridgeMac(); await ip('-n', hub, 'link', 'set', `veth${node.index}`, 'down') }
+  async function restoreLink (node: NetnsNode): Promise<void> { await ip('-n', hub, 'link', 'set', `veth${node.index}`, 'up') }
+
+  let br1 = false
+  async function splitBridge (side: readonly NetnsNode[]): Promise<void> {
+    await pinBridgeMac()
+    if (!br1) {
+      await ip('-n', hub, 'link', 'add', 'br1', 'type', 'bridge')
+      await ip('-n', hub, 'link', 'set', 'br1', 'type', 'bridge', 'mcast_snooping', '0')
+      await ip('-n', hub, 'link', 'set', 'br1', 'up')
+      br1 = true
+    }
+    for (const n of side) await ip('-n', hub, 'link', 'set', `veth${n.index}`, 'master', 'br1')
+  }
+  async function healBridge (): Promise<void> {
+    for (const n of nodes) await ip('-n', hub, 'link', 'set', `veth${n.index}`, 'master', 'br0')
+  }
+
   try {
     await ip('netns', 'add', hub)
     created.push(hub)
@@ -202,6 +243,10 @@ export async function createNetnsLab (o: { nodes: number }): Promise<NetnsLab> {
     track: (pid: number) => { if (pid > 0) tracked.add(pid) },
     httpGet,
     teardown,
+    cutLink,
+    restoreLink,
+    splitBridge,
+    healBridge,
   }
 }
 
