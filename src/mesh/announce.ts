@@ -427,8 +427,10 @@ export function createAnnouncer (components: AnnounceComponents, init: AnnounceI
     // Only peers we hold a connection to are indexed: a relayed signer we cannot reach is of no use, and
     // any keypair can sign, so indexing strangers would let one node fill every index with made-up peers.
     const v = validated.get(msg)
-    if (v !== undefined && v.checked && !isConnected(msg.from) && v.message.t === 'hello' && v.message.addrs !== undefined) {
-      // Peer exchange: a member we are not connected to says where it listens (the message is signed by it).
+    if (v !== undefined && !isConnected(msg.from) && v.message.t === 'hello' && v.message.addrs !== undefined) {
+      // Peer exchange: a member we are not connected to says where it listens (the message is signed by
+      // it). Its replays are not tracked (no state for strangers); a replayed hello costs at most one
+      // dial a minute to an address that peer once announced.
       components.onPeerAddrs?.(msg.from, v.message.addrs)
     }
     if (v === undefined || !v.checked || !isConnected(msg.from)) { drop('not-connected'); return }
