@@ -3,6 +3,7 @@ import { homedir } from 'node:os'
 import { isAbsolute, join, resolve } from 'node:path'
 import { z } from 'zod'
 import { ConfigError } from './errors.js'
+import type { UpstreamProxy } from './upstream/types.js'
 
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'
 const LOG_LEVELS: readonly LogLevel[] = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']
@@ -15,6 +16,8 @@ export interface UpstreamConfig {
   credentials?: { username: string, password: string }
   /** Share content pulled with these credentials with peers anyway. */
   shareWithPeers: boolean
+  /** How to reach it: a proxy of its own, or the HTTP(S)_PROXY rules; undefined: directly. */
+  proxy?: UpstreamProxy
 }
 
 /** The daemon's whole configuration, validated once and frozen. */
@@ -29,7 +32,13 @@ export interface Config {
   /** Evict content not accessed for this long (undefined: never). */
   maxAgeMs: number | undefined
   logLevel: LogLevel
-  upstreamTimeouts: { connectMs: number, headersMs: number, bodyIdleMs: number }
+  /**
+   * `deadlineMs`: a miss fails after this long without an answer from the upstream (all attempts);
+   * `breakerHoldMs`: after the upstream could not be reached, requests to it fail at once for this long.
+   */
+  upstreamTimeouts: { connectMs: number, headersMs: number, bodyIdleMs: number, deadlineMs: number, breakerHoldMs: number }
+  /** On SIGTERM, responses in flight get this long to finish before their connections are closed. */
+  shutdownGraceMs: number
   upstreamMaxAttempts: number
   mesh: {
     enabled: boolean
@@ -66,6 +75,10 @@ export interface RawSettings {
   upstreamHeadersTimeout?: string
   upstreamBodyTimeout?: string
   upstreamRetries?: string
+  upstreamDeadline?: string
+  upstreamHold?: string
+  upstreamProxy?: string[]
+  shutdownGrace?: string
   shareCredentialed?: string[]
 }
 
@@ -91,9 +104,13 @@ export const ENV_VARS: Record<string, keyof RawSettings> = {
   PULLMESH_UPSTREAM_HEADERS_TIMEOUT: 'upstreamHeadersTimeout',
   PULLMESH_UPSTREAM_BODY_TIMEOUT: 'upstreamBodyTimeout',
   PULLMESH_UPSTREAM_RETRIES: 'upstreamRetries',
+  PULLMESH_UPSTREAM_DEADLINE: 'upstreamDeadline',
+  PULLMESH_UPSTREAM_HOLD: 'upstreamHold',
+  PULLMESH_UPSTREAM_PROXY: 'upstreamProxy',
+  PULLMESH_SHUTDOWN_GRACE: 'shutdownGrace',
   PULLMESH_SHARE_CREDENTIALED: 'shareCredentialed',
 }
-const LIST_SETTINGS = new Set<keyof RawSettings>(['upstream', 'bootstrap', 'p2pListen', 'shareCredentialed'])
+const LIST_SETTINGS = new Set<keyof RawSettings>(['upstream', 'bootstrap', 'p2pListen', 'shareCredentialed', 'upstreamProxy'])
 
 export const DEFAULTS = {
   listen: '127.0.0.1:5000',
@@ -109,6 +126,9 @@ export const DEFAULTS = {
   upstreamHeadersTimeout: '30s',
   upstreamBodyTimeout: '60s',
   upstreamRetries: '3',
+  upstreamDeadline: '10s',
+  upstreamHold: '15s',
+  shutdownGrace: '10s',
 } as const
 
 export function defaultDataDir (env: Record<string, string | undefined>): string {
@@ -151,6 +171,10 @@ const fileSchema = z.object({
   upstreamHeadersTimeout: z.union([z.string(), z.number()]),
   upstreamBodyTimeout: z.union([z.string(), z.number()]),
   upstreamRetries: z.union([z.string(), z.number()]),
+  upstreamDeadline: z.union([z.string(), z.number()]),
+  upstreamHold: z.union([z.string(), z.number()]),
+  upstreamProxy: z.record(z.string(), z.string()),
+  shutdownGrace: z.union([z.string(), z.number()]),
   shareCredentialed: z.array(z.string()),
 }).partial().strict()
 
@@ -193,6 +217,10 @@ export function settingsFromFile (path: string, problems: string[]): RawSettings
     upstreamHeadersTimeout: str(d.upstreamHeadersTimeout),
     upstreamBodyTimeout: str(d.upstreamBodyTimeout),
     upstreamRetries: str(d.upstreamRetries),
+    upstreamDeadline: str(d.upstreamDeadline),
+    upstreamHold: str(d.upstreamHold),
+    upstreamProxy: Object.entries(d.upstreamProxy ?? {}).map(([k, v]) => `${k}=${v}`),
+    shutdownGrace: str(d.shutdownGrace),
     shareCredentialed: d.shareCredentialed,
   }
 }
@@ -273,6 +301,9 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
   const connectMs = dur('upstream-connect-timeout', s.upstreamConnectTimeout, 10)
   const headersMs = dur('upstream-headers-timeout', s.upstreamHeadersTimeout, 10)
   const bodyIdleMs = dur('upstream-body-timeout', s.upstreamBodyTimeout, 10)
+  const deadlineMs = dur('upstream-deadline', s.upstreamDeadline, 100)
+  const breakerHoldMs = s.upstreamHold === 'off' ? 0 : dur('upstream-hold', s.upstreamHold, 0)
+  const shutdownGraceMs = dur('shutdown-grace', s.shutdownGrace, 0)
   const retries = Number(s.upstreamRetries)
   if (!Number.isInteger(retries) || retries < 1 || retries > 10) problems.push(`upstream-retries: expected an attempt count from 1 to 10, got "${s.upstreamRetries}"`)
 
@@ -303,6 +334,7 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
   if (upstreams.length > 0 && !names.has(defaultUpstream)) problems.push(`default-upstream: "${defaultUpstream}" is not a configured upstream (${[...names].join(', ')})`)
 
   if (s.credentialsFile !== undefined) readCredentials(s.credentialsFile, upstreams, problems)
+  assignProxies(upstreams, s.upstreamProxy ?? [], proxyFromEnv(env, problems), problems)
   for (const name of s.shareCredentialed ?? []) {
     const u = upstreams.find(x => x.name === name.toLowerCase())
     if (u === undefined) problems.push(`share-credentialed: "${name}" is not a configured upstream`)
@@ -330,7 +362,8 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
     maxBytes: maxBytes!,
     maxAgeMs,
     logLevel,
-    upstreamTimeouts: { connectMs, headersMs, bodyIdleMs },
+    upstreamTimeouts: { connectMs, headersMs, bodyIdleMs, deadlineMs, breakerHoldMs },
+    shutdownGraceMs,
     upstreamMaxAttempts: retries,
     mesh: {
       enabled: meshEnabled,
@@ -357,6 +390,50 @@ function checkMeshKey (path: string, problems: string[]): void {
   const lines = text.trim().split(/\r?\n/)
   if (lines[0] !== '/key/swarm/psk/1.0.0/' || lines[1] !== '/base16/' || !/^[0-9a-fA-F]{64}$/.test(lines[2] ?? '')) {
     problems.push(`mesh-key ${path}: not a mesh key file; create one with "pullmesh keygen FILE"`)
+  }
+}
+
+/** Checks a proxy URL; the message never echoes it (it may carry credentials). */
+function proxyUrl (v: string, what: string, problems: string[]): string | undefined {
+  let u: URL | undefined
+  try { u = new URL(v) } catch { u = undefined }
+  if (u === undefined || !['http:', 'https:', 'socks5:'].includes(u.protocol) || u.hostname === '') {
+    problems.push(`${what}: expected an http://, https:// or socks5:// proxy URL`)
+    return undefined
+  }
+  return v
+}
+
+/** HTTP_PROXY, HTTPS_PROXY and NO_PROXY (either case, lower case first, as curl reads them). */
+function proxyFromEnv (env: Record<string, string | undefined>, problems: string[]): UpstreamProxy | undefined {
+  const get = (n: string): string | undefined => {
+    const v = env[n.toLowerCase()] ?? env[n]
+    return v === undefined || v.trim() === '' ? undefined : v.trim()
+  }
+  const http = get('HTTP_PROXY')
+  const https = get('HTTPS_PROXY')
+  if (http === undefined && https === undefined) return undefined
+  const httpProxy = http !== undefined ? proxyUrl(http, 'HTTP_PROXY', problems) : undefined
+  const httpsProxy = https !== undefined ? proxyUrl(https, 'HTTPS_PROXY', problems) : undefined
+  const noProxy = get('NO_PROXY')
+  return { kind: 'env', ...(httpProxy !== undefined ? { httpProxy } : {}), ...(httpsProxy !== undefined ? { httpsProxy } : {}), ...(noProxy !== undefined ? { noProxy } : {}) }
+}
+
+/** `--upstream-proxy NAME=URL` (or `NAME=direct`) wins over the environment for that upstream. */
+function assignProxies (upstreams: UpstreamConfig[], specs: string[], fromEnv: UpstreamProxy | undefined, problems: string[]): void {
+  const own = new Map<string, UpstreamProxy | 'direct'>()
+  for (const spec of specs) {
+    const eq = spec.indexOf('=')
+    const name = eq > 0 ? spec.slice(0, eq).trim().toLowerCase() : ''
+    const value = eq > 0 ? spec.slice(eq + 1).trim() : ''
+    if (!upstreams.some(u => u.name === name)) { problems.push(`upstream-proxy: expected NAME=URL for a configured upstream, got "${name === '' ? spec.slice(0, 100) : name}"`); continue }
+    if (value === 'direct') { own.set(name, 'direct'); continue }
+    const url = proxyUrl(value, `upstream-proxy ${name}`, problems)
+    if (url !== undefined) own.set(name, { kind: 'url', url })
+  }
+  for (const u of upstreams) {
+    const p = own.get(u.name) ?? fromEnv
+    if (p !== undefined && p !== 'direct') u.proxy = p
   }
 }
 

@@ -10,6 +10,7 @@ import { readFile } from 'node:fs/promises'
 import { networkInterfaces } from 'node:os'
 import { createResolver, type Resolver } from './content/resolver.js'
 import { createPeerContent } from './content/peer-source.js'
+import { createListings } from './content/listings.js'
 import type { PeerContent } from './content/types.js'
 import { createHttpServer } from './http/server.js'
 import { registerStatusRoutes } from './http/status-routes.js'
@@ -54,6 +55,9 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       bodyIdleTimeoutMs: config.upstreamTimeouts.bodyIdleMs,
       maxAttempts: config.upstreamMaxAttempts,
       retryBaseMs: 200,
+      deadlineMs: config.upstreamTimeouts.deadlineMs,
+      breakerHoldMs: config.upstreamTimeouts.breakerHoldMs,
+      ...(u.proxy !== undefined ? { proxy: u.proxy } : {}),
     }))
   }
   // The mesh needs the data path's port, known only once it listens; the resolver is built now and
@@ -68,6 +72,7 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
     tagTtlMs: config.tagTtlMs,
     shareCredentialed: new Set(config.upstreams.filter(u => u.shareWithPeers).map(u => u.name)),
   })
+  const listings = createListings({ upstreams, logger, metrics }, { referrersTtlMs: config.tagTtlMs, tagsTtlMs: Math.min(config.tagTtlMs, 30_000) })
   let ready = false
   const evictor: Evictor = createEvictor({ store, logger, metrics, busy: () => resolver.activeFills() }, {
     maxBytes: config.maxBytes,
@@ -84,7 +89,7 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
     }, components.version ?? 'dev')
     registerAdminRoutes(app, { resolver, store, evictor, metrics, logger }, routing)
   }
-  const http: FastifyInstance = createHttpServer({ resolver, metrics, logger, ready: () => ready, extraRoutes }, routing)
+  const http: FastifyInstance = createHttpServer({ resolver, listings, metrics, logger, ready: () => ready, extraRoutes }, routing, { shutdownGraceMs: config.shutdownGraceMs })
   let mesh: Mesh | undefined
   let peerHttp: FastifyInstance | undefined
   let peerUrl: string | undefined

@@ -58,6 +58,10 @@ export async function runCli (argv: string[], io: CliIo): Promise<number> {
     .option('--upstream-headers-timeout <duration>', 'default 30s')
     .option('--upstream-body-timeout <duration>', 'idle time allowed mid-body (default 60s)')
     .option('--upstream-retries <n>', 'attempts for idempotent upstream requests (default 3)')
+    .option('--upstream-deadline <duration>', 'a miss fails if the upstream has not answered within this, retries included (default 10s)')
+    .option('--upstream-hold <duration>', 'after the upstream was unreachable, fail requests to it at once for this long, or "off" (default 15s)')
+    .option('--upstream-proxy <name=url>', 'proxy for one upstream (http://, https://, socks5:// or "direct"); repeatable; default HTTP(S)_PROXY/NO_PROXY', collect)
+    .option('--shutdown-grace <duration>', 'on SIGTERM, downloads in flight get this long to finish (default 10s)')
     .option('--share-credentialed <upstream>', 'share content pulled with credentials for this upstream with peers; repeatable', collect)
     .action(async (_opts: Record<string, unknown>, cmd: Command) => {
       exitCode = await start(cmd, io)

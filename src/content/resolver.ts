@@ -158,7 +158,7 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
       return cached
     }
     const revalidating = rec !== undefined && cached !== undefined
-    if (revalidating && (downUntil.get(up.name) ?? 0) > now()) {
+    if (revalidating && ((downUntil.get(up.name) ?? 0) > now() || !up.available())) {
       const stale = await staleAnswer(target, tag, rec, cached, 'upstream recently failed')
       if (stale !== undefined) return stale
     }

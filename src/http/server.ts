@@ -8,9 +8,12 @@ import {
   UpstreamUnavailableError, VerificationError,
 } from '../errors.js'
 import { registerRegistryRoutes } from './registry-routes.js'
+import type { Listings } from '../content/listings.js'
+import { UpstreamCircuitOpenError } from '../upstream/breaker.js'
 
 export interface HttpComponents {
   resolver: Resolver
+  listings: Listings
   metrics: Metrics
   logger: Logger
   /** Readiness: true once every part has started. */
@@ -19,8 +22,13 @@ export interface HttpComponents {
   extraRoutes?: (app: FastifyInstance) => void
 }
 
+export interface HttpInit {
+  /** On close, responses in flight get this long to finish before their connections are cut (default 0). */
+  shutdownGraceMs?: number
+}
+
 /** Builds the client-facing HTTP server: the registry API, health, readiness and metrics. */
-export function createHttpServer (c: HttpComponents, routing: RoutingInit): FastifyInstance {
+export function createHttpServer (c: HttpComponents, routing: RoutingInit, init: HttpInit = {}): FastifyInstance {
   const log = c.logger.child({ component: 'http' })
   const app = Fastify({
     logger: false,
@@ -37,9 +45,14 @@ export function createHttpServer (c: HttpComponents, routing: RoutingInit): Fast
   // Logged when the response closes, not on 'finish': a client that hangs up as soon as it has every
   // byte must still be counted and logged (onResponse would never fire for it).
   // Timed here, not with reply.elapsedTime, which stops when sendBody() takes the response over.
+  const inFlight = new Set<object>()
+  let drained: (() => void) | undefined
   app.addHook('onRequest', async (req, reply) => {
     const t0 = performance.now()
+    inFlight.add(reply.raw)
     reply.raw.once('close', () => {
+      inFlight.delete(reply.raw)
+      if (inFlight.size === 0) drained?.()
       const ms = performance.now() - t0
       const route = routeLabel(req.raw.url ?? '')
       const status = reply.raw.statusCode
@@ -50,6 +63,22 @@ export function createHttpServer (c: HttpComponents, routing: RoutingInit): Fast
       if (status >= 500) log.error(fields, 'request')
       else log.info(fields, 'request')
     })
+  })
+
+  // Drain: once closing, fastify answers new requests 503 (return503OnClosing); responses in flight
+  // (a layer download) get the grace period to finish before the connections are closed.
+  app.addHook('preClose', async () => {
+    const graceMs = init.shutdownGraceMs ?? 0
+    if (inFlight.size === 0 || graceMs <= 0) return
+    log.info({ inFlight: inFlight.size, graceMs }, 'draining responses in flight')
+    let timer: NodeJS.Timeout | undefined
+    await new Promise<void>(resolve => {
+      drained = resolve
+      timer = setTimeout(resolve, graceMs)
+    })
+    clearTimeout(timer)
+    drained = undefined
+    if (inFlight.size > 0) log.warn({ inFlight: inFlight.size }, 'grace period over; closing responses still in flight')
   })
 
   app.setErrorHandler((err: FastifyError | Error, req, reply) => {
@@ -71,7 +100,7 @@ export function createHttpServer (c: HttpComponents, routing: RoutingInit): Fast
     return reply.type(c.metrics.registry.contentType).send(body)
   })
 
-  registerRegistryRoutes(app, { resolver: c.resolver, metrics: c.metrics }, routing)
+  registerRegistryRoutes(app, { resolver: c.resolver, metrics: c.metrics, listings: c.listings }, routing)
   c.extraRoutes?.(app)
   return app
 }
@@ -93,6 +122,10 @@ export function toOciError (err: unknown): OciError {
   if (err instanceof UpstreamRateLimitedError) {
     return new OciError('TOOMANYREQUESTS', 429, 'the upstream registry is rate-limiting; retry later', { upstream: err.upstream },
       err.retryAfter !== undefined ? { 'retry-after': err.retryAfter } : {})
+  }
+  if (err instanceof UpstreamCircuitOpenError) {
+    return new OciError('UNAVAILABLE', 503, 'the upstream registry is unreachable and the content is not cached; not retried until the hold ends',
+      { upstream: err.upstream, reason: err.message }, { 'retry-after': String(err.retryAfterS) })
   }
   if (err instanceof UpstreamUnavailableError) {
     return new OciError('UNAVAILABLE', 503, 'the upstream registry is unavailable and the content is not cached', { upstream: err.upstream, status: err.status })
