@@ -1,5 +1,5 @@
 // Listings passed through from the upstream: the OCI 1.1 referrers of a subject digest and a
-// repository's tags. Both are small JSON documents, cached in memory for a short time and served
+// repository's tags (and the size of a blob, for a HEAD on a miss). Both are small JSON documents, cached in memory for a short time and served
 // stale when the upstream fails (stale-if-error). Nothing here touches the blob store.
 import type { Logger } from '../logger.js'
 import type { Metrics } from '../metrics.js'
@@ -49,6 +49,11 @@ export interface Listings {
   /** Throws a 404 OciError when the upstream has no referrers API, so that clients fall back to tags. */
   referrers (target: Target, subject: Digest, artifactType?: string): Promise<ReferrersAnswer>
   tags (target: Target, query: TagsQuery): Promise<TagsAnswer>
+  /**
+   * The size of a blob as the upstream states it (a HEAD; nothing is downloaded), or undefined when
+   * the upstream does not have it. For HEAD requests on a cache miss.
+   */
+  blobSize (target: Target, digest: Digest, signal?: AbortSignal): Promise<number | undefined>
 }
 
 type Cached =
@@ -171,6 +176,11 @@ export function createListings (components: ListingsComponents, init: ListingsIn
         : value.manifests.filter(m => (m as { artifactType?: unknown }).artifactType === artifactType)
       const body = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: MediaType.ociIndex, manifests }))
       return { body, filtered: artifactType !== undefined, stale }
+    },
+
+    async blobSize (target: Target, digest: Digest, signal?: AbortSignal): Promise<number | undefined> {
+      const res = await upstreamFor(target).headBlob(target.repo, digest, signal !== undefined ? { signal } : {})
+      return res?.size
     },
 
     async tags (target: Target, q: TagsQuery): Promise<TagsAnswer> {

@@ -8,7 +8,7 @@ import type { Reference, Target } from '../oci/reference.js'
 import type { ByteRange } from '../oci/range.js'
 import type { BlobHandle, ContentOrigin, ManifestResult, PeerContent } from './types.js'
 import { digestOf, sha256Of, tryParseDigest } from '../oci/digest.js'
-import { INDEX_MEDIA_TYPES, MAX_MANIFEST_BYTES, SINGLE_MANIFEST_MEDIA_TYPES, accepts, sniffManifestMediaType } from '../oci/media-types.js'
+import { INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, SINGLE_MANIFEST_MEDIA_TYPES, accepts, sniffManifestMediaType } from '../oci/media-types.js'
 import { NotFoundError, OciError, UpstreamError, UpstreamProtocolError, UpstreamUnavailableError, VerificationError, blobUnknown, manifestUnknown } from '../errors.js'
 import { Fill, type FillSource } from './fill.js'
 
@@ -107,7 +107,9 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
     const body = await store.readBuffer(digest, MAX_MANIFEST_BYTES)
     if (body === undefined) return undefined
     store.touch(digest, repo)
-    return { body, mediaType: info.mediaType, digest, source: 'store' }
+    // A manifest first cached through /blobs/ was stored as octet-stream: its own bytes tell its type.
+    const mediaType = MANIFEST_MEDIA_TYPES.includes(info.mediaType) ? info.mediaType : (sniffManifestMediaType(body) ?? info.mediaType)
+    return { body, mediaType, digest, source: 'store' }
   }
 
   async function manifestByDigest (target: Target, digest: Digest): Promise<ManifestResult> {

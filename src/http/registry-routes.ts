@@ -7,7 +7,7 @@ import { parseDigest } from '../oci/digest.js'
 import { sendBody } from './send-body.js'
 import { contentRange, parseRange } from '../oci/range.js'
 import { parseAccept } from '../oci/media-types.js'
-import { OciError, unsupported } from '../errors.js'
+import { OciError, blobUnknown, unsupported } from '../errors.js'
 import type { Listings } from '../content/listings.js'
 import { MediaType } from '../oci/media-types.js'
 
@@ -77,14 +77,24 @@ export function registerRegistryRoutes (app: FastifyInstance, c: RegistryRoutesC
       }
 
       const digest = parseDigest(route.digest)
+      if (head) {
+        // A HEAD never starts a download: the store or a fill running here, else the upstream's HEAD.
+        const size = (await resolver.localBlob(digest))?.size ?? await listings.blobSize(target, digest, signal)
+        if (size === undefined) throw blobUnknown({ digest })
+        void reply
+          .header('content-type', 'application/octet-stream')
+          .header('docker-content-digest', digest)
+          .header('etag', `"${digest}"`)
+          .header('accept-ranges', 'bytes')
+        return reply.header('content-length', size).send()
+      }
       const blob = await resolver.blob(target, digest, signal)
-      const range = head ? undefined : parseRange(req.headers.range, blob.size)
+      const range = parseRange(req.headers.range, blob.size)
       void reply
         .header('content-type', 'application/octet-stream')
         .header('docker-content-digest', digest)
         .header('etag', `"${digest}"`)
         .header('accept-ranges', 'bytes')
-      if (head) return reply.header('content-length', blob.size).send()
       const stream = await blob.open(range)
       const length = range === undefined ? blob.size : range.end - range.start + 1
       if (range !== undefined) void reply.code(206).header('content-range', contentRange(range, blob.size))

@@ -10,6 +10,7 @@ import {
 import { registerRegistryRoutes } from './registry-routes.js'
 import type { Listings } from '../content/listings.js'
 import { UpstreamCircuitOpenError } from '../upstream/breaker.js'
+import { BlobTooLargeError } from '../store/errors.js'
 
 export interface HttpComponents {
   resolver: Resolver
@@ -140,6 +141,8 @@ export function toOciError (err: unknown): OciError {
     return new OciError('DIGEST_INVALID', 502, 'content failed digest verification and was discarded', { expected: err.expected })
   }
   if (err instanceof NotFoundError) return new OciError('BLOB_UNKNOWN', 404, 'blob unknown to registry')
+  // Only manifests are read whole: a digest that names a larger blob names no manifest.
+  if (err instanceof BlobTooLargeError) return new OciError('MANIFEST_UNKNOWN', 404, 'manifest unknown', { reason: 'the digest names a blob too large to be a manifest' })
   const fe = err as FastifyError
   if (typeof fe.statusCode === 'number' && fe.statusCode >= 400 && fe.statusCode < 500) {
     return new OciError('UNSUPPORTED', fe.statusCode, fe.message)

@@ -358,6 +358,18 @@ export function createUpstreamClient (components: UpstreamComponents, init: Upst
       })
     },
 
+    async headBlob (repo: RepoName, digest: Digest, o?: AbortOptions): Promise<{ size: number } | undefined> {
+      const ex: Exchange = { kind: 'blob', method: 'HEAD', path: `${prefix}/v2/${repo}/blobs/${digest}`, repo, headers: { accept: '*/*' }, follow: true, signal: o?.signal }
+      return await run(ex, async res => {
+        await discard(res)
+        if (res.statusCode === 404) return undefined
+        if (res.statusCode !== 200) throw statusError(res, 'upstream')
+        const size = contentLength(res.headers)
+        if (size === undefined) throw new UpstreamProtocolError(name, 'blob HEAD without a valid Content-Length')
+        return { size }
+      })
+    },
+
     async getReferrers (repo: RepoName, digest: Digest, o?: AbortOptions & { page?: string }): Promise<ListingResponse | undefined> {
       const first = `${prefix}/v2/${repo}/referrers/${digest}`
       const path = o?.page !== undefined ? samePath(o.page, first) : first

@@ -63,6 +63,8 @@ export interface UpstreamClient {
   getManifest (repo: RepoName, reference: string, o?: AbortOptions): Promise<ManifestResponse | undefined>
   headManifest (repo: RepoName, reference: string, o?: AbortOptions): Promise<ManifestHead | undefined>
   getBlob (repo: RepoName, digest: Digest, o?: AbortOptions & { range?: ByteRange }): Promise<BlobResponse | undefined>
+  /** `HEAD /v2/<repo>/blobs/<digest>`: the size the upstream claims (unverified), or undefined (404). */
+  headBlob (repo: RepoName, digest: Digest, o?: AbortOptions): Promise<{ size: number } | undefined>
   /**
    * `GET /v2/<repo>/referrers/<digest>` (OCI 1.1). Undefined when the upstream has no referrers API
    * (404, 400 or 405, as registries before OCI 1.1 answer). `page` is a `Link` target of a previous answer.
