@@ -56,8 +56,9 @@ export function createHttpServer (c: HttpComponents, routing: RoutingInit, init:
       if (inFlight.size === 0) drained?.()
       const ms = performance.now() - t0
       const route = routeLabel(req.raw.url ?? '')
-      const status = reply.raw.statusCode
       const complete = reply.raw.writableFinished
+      // A client that hung up before any answer gets none: counted as 499 (nginx's "client closed request").
+      const status = !complete && !reply.raw.headersSent ? 499 : reply.raw.statusCode
       c.metrics.httpRequests.inc({ route, method: req.method, status: String(status) })
       c.metrics.httpDuration.observe({ route }, ms / 1000)
       const fields = { method: req.method, url: req.raw.url, statusCode: status, ms: Math.round(ms), remote: req.ip, ...(complete ? {} : { aborted: true }) }
@@ -83,6 +84,11 @@ export function createHttpServer (c: HttpComponents, routing: RoutingInit, init:
   })
 
   app.setErrorHandler((err: FastifyError | Error, req, reply) => {
+    if (reply.raw.destroyed && !reply.raw.headersSent) {
+      // The client hung up while it waited (a cold miss): its abort, not our failure.
+      log.debug({ url: req.raw.url, reason: err.message }, 'client went away before the answer')
+      return
+    }
     const e = toOciError(err)
     if (e.status >= 500) log.error({ err, url: req.raw.url }, 'request failed')
     if (reply.raw.headersSent) { reply.raw.destroy(); return }
