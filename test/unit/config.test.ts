@@ -18,6 +18,18 @@ describe('config', () => {
     expect(c.mesh.mdns).toBe(true)
     expect(Object.isFrozen(c) && Object.isFrozen(c.upstreams)).toBe(true)
   })
+  it('has fail-fast, drain and proxy defaults, and reads the proxy variables from the environment it is given', () => {
+    const c = buildConfig({}, env)
+    expect(c.upstreamTimeouts).toMatchObject({ deadlineMs: 10_000, breakerHoldMs: 15_000 })
+    expect(c.shutdownGraceMs).toBe(10_000)
+    expect(c.upstreams[0]!.proxy).toBeUndefined()
+    const p = buildConfig({ upstream: ['a.io=https://a.io', 'b.io=https://b.io'], upstreamProxy: ['b.io=socks5://127.0.0.1:1080'] },
+      { ...env, HTTPS_PROXY: 'http://proxy:3128', no_proxy: '.corp' })
+    expect(p.upstreams[0]!.proxy).toEqual({ kind: 'env', httpsProxy: 'http://proxy:3128', noProxy: '.corp' })
+    expect(p.upstreams[1]!.proxy).toEqual({ kind: 'url', url: 'socks5://127.0.0.1:1080' })
+    expect(buildConfig({ upstreamHold: 'off', upstreamDeadline: '3s', shutdownGrace: '0' }, env).upstreamTimeouts).toMatchObject({ deadlineMs: 3000, breakerHoldMs: 0 })
+    expect(settingsFromEnv({ PULLMESH_UPSTREAM_PROXY: 'a.io=http://p:1,b.io=direct' }).upstreamProxy).toEqual(['a.io=http://p:1', 'b.io=direct'])
+  })
   it('uses XDG_DATA_HOME', () => {
     expect(buildConfig({}, { XDG_DATA_HOME: '/x' }).dataDir).toBe('/x/pullmesh')
   })
