@@ -1,6 +1,7 @@
 import { readFileSync } from 'node:fs'
 import { homedir } from 'node:os'
 import { isAbsolute, join, resolve } from 'node:path'
+import { createSecureContext } from 'node:tls'
 import { z } from 'zod'
 import { ConfigError } from './errors.js'
 import type { UpstreamProxy } from './upstream/types.js'
@@ -39,6 +40,8 @@ export interface Config {
   upstreamTimeouts: { connectMs: number, headersMs: number, bodyIdleMs: number, deadlineMs: number, breakerHoldMs: number }
   /** On SIGTERM, responses in flight get this long to finish before their connections are closed. */
   shutdownGraceMs: number
+  /** Serve the client API over HTTPS with these PEM files (re-read on SIGHUP). */
+  tls?: { certFile: string, keyFile: string }
   upstreamMaxAttempts: number
   mesh: {
     enabled: boolean
@@ -79,6 +82,8 @@ export interface RawSettings {
   upstreamHold?: string
   upstreamProxy?: string[]
   shutdownGrace?: string
+  tlsCert?: string
+  tlsKey?: string
   shareCredentialed?: string[]
 }
 
@@ -108,6 +113,8 @@ export const ENV_VARS: Record<string, keyof RawSettings> = {
   PULLMESH_UPSTREAM_HOLD: 'upstreamHold',
   PULLMESH_UPSTREAM_PROXY: 'upstreamProxy',
   PULLMESH_SHUTDOWN_GRACE: 'shutdownGrace',
+  PULLMESH_TLS_CERT: 'tlsCert',
+  PULLMESH_TLS_KEY: 'tlsKey',
   PULLMESH_SHARE_CREDENTIALED: 'shareCredentialed',
 }
 const LIST_SETTINGS = new Set<keyof RawSettings>(['upstream', 'bootstrap', 'p2pListen', 'shareCredentialed', 'upstreamProxy'])
@@ -175,6 +182,8 @@ const fileSchema = z.object({
   upstreamHold: z.union([z.string(), z.number()]),
   upstreamProxy: z.record(z.string(), z.string()),
   shutdownGrace: z.union([z.string(), z.number()]),
+  tlsCert: z.string(),
+  tlsKey: z.string(),
   shareCredentialed: z.array(z.string()),
 }).partial().strict()
 
@@ -221,6 +230,8 @@ export function settingsFromFile (path: string, problems: string[]): RawSettings
     upstreamHold: str(d.upstreamHold),
     upstreamProxy: Object.entries(d.upstreamProxy ?? {}).map(([k, v]) => `${k}=${v}`),
     shutdownGrace: str(d.shutdownGrace),
+    tlsCert: rel(d.tlsCert),
+    tlsKey: rel(d.tlsKey),
     shareCredentialed: d.shareCredentialed,
   }
 }
@@ -350,6 +361,16 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
     if (!/^\/(ip4|ip6|dns|dns4|dns6)\/[^/]+\/tcp\/\d+\/p2p\/[A-Za-z0-9]+$/.test(a)) problems.push(`bootstrap: expected /ip4/HOST/tcp/PORT/p2p/PEER-ID, got "${a}"`)
   }
   if (s.meshKey !== undefined) checkMeshKey(s.meshKey, problems)
+  if ((s.tlsCert === undefined) !== (s.tlsKey === undefined)) problems.push('tls-cert and tls-key: give both, or neither')
+  for (const [name, file] of [['tls-cert', s.tlsCert], ['tls-key', s.tlsKey]] as const) {
+    if (file === undefined) continue
+    try { readFileSync(file) } catch (err) { problems.push(`${name} ${file}: cannot read it (${(err as NodeJS.ErrnoException).code ?? 'error'})`) }
+  }
+  if (s.tlsCert !== undefined && s.tlsKey !== undefined && !problems.some(p => p.startsWith('tls-'))) {
+    try { createSecureContext({ cert: readFileSync(s.tlsCert), key: readFileSync(s.tlsKey) }) } catch {
+      problems.push('tls-cert and tls-key: not a PEM certificate and the private key that belongs to it')
+    }
+  }
 
   if (problems.length > 0) throw new ConfigError(problems)
 
@@ -364,6 +385,7 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
     logLevel,
     upstreamTimeouts: { connectMs, headersMs, bodyIdleMs, deadlineMs, breakerHoldMs },
     shutdownGraceMs,
+    ...(s.tlsCert !== undefined && s.tlsKey !== undefined ? { tls: { certFile: resolve(s.tlsCert), keyFile: resolve(s.tlsKey) } } : {}),
     upstreamMaxAttempts: retries,
     mesh: {
       enabled: meshEnabled,

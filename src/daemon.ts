@@ -13,6 +13,8 @@ import { createPeerContent } from './content/peer-source.js'
 import { createListings } from './content/listings.js'
 import type { PeerContent } from './content/types.js'
 import { createHttpServer } from './http/server.js'
+import { loadTlsSync, reloadTls } from './http/tls.js'
+import type { Server as HttpsServer } from 'node:https'
 import { registerStatusRoutes } from './http/status-routes.js'
 import { registerAdminRoutes } from './http/admin-routes.js'
 import { createEvictor, type Evictor } from './store/eviction.js'
@@ -34,6 +36,8 @@ export interface Daemon {
   peerUrl (): string | undefined
   start (): Promise<void>
   stop (): Promise<void>
+  /** Reloads what can change without a restart: the client API's TLS certificate and key. Never throws. */
+  reload (): Promise<void>
 }
 
 /**
@@ -89,7 +93,10 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
     }, components.version ?? 'dev')
     registerAdminRoutes(app, { resolver, store, evictor, metrics, logger }, routing)
   }
-  const http: FastifyInstance = createHttpServer({ resolver, listings, metrics, logger, ready: () => ready, extraRoutes }, routing, { shutdownGraceMs: config.shutdownGraceMs })
+  const http: FastifyInstance = createHttpServer({ resolver, listings, metrics, logger, ready: () => ready, extraRoutes }, routing, {
+    shutdownGraceMs: config.shutdownGraceMs,
+    ...(config.tls !== undefined ? { tls: loadTlsSync(config.tls) } : {}),
+  })
   let mesh: Mesh | undefined
   let peerHttp: FastifyInstance | undefined
   let peerUrl: string | undefined
@@ -137,10 +144,19 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       const address = await http.listen({ host: config.listen.host, port: config.listen.port })
       const { port } = http.server.address() as { port: number }
       const host = config.listen.host.includes(':') ? `[${config.listen.host}]` : config.listen.host
-      url = `http://${host}:${port}`
+      url = `${config.tls !== undefined ? 'https' : 'http'}://${host}:${port}`
       ready = true
       state = 'started'
       logger.info({ url, address, dataDir: config.dataDir, upstreams: config.upstreams.map(u => `${u.name}=${u.url}`) }, 'pullmesh listening')
+    },
+    async reload () {
+      if (config.tls === undefined || state !== 'started') return
+      try {
+        await reloadTls(http.server as unknown as HttpsServer, config.tls)
+        logger.info({ cert: config.tls.certFile }, 'TLS certificate reloaded')
+      } catch (err) {
+        logger.error({ err, cert: config.tls.certFile }, 'TLS reload failed; the current certificate stays in use')
+      }
     },
     async stop () {
       if (state === 'stopping' || state === 'stopped' || state === 'new') { state = 'stopped'; return }

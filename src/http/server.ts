@@ -9,6 +9,7 @@ import {
 } from '../errors.js'
 import { registerRegistryRoutes } from './registry-routes.js'
 import type { Listings } from '../content/listings.js'
+import type { TlsMaterial } from './tls.js'
 import { UpstreamCircuitOpenError } from '../upstream/breaker.js'
 import { BlobTooLargeError } from '../store/errors.js'
 
@@ -26,12 +27,15 @@ export interface HttpComponents {
 export interface HttpInit {
   /** On close, responses in flight get this long to finish before their connections are cut (default 0). */
   shutdownGraceMs?: number
+  /** Serve HTTPS with this certificate and key (see ./tls.ts for reloading them). */
+  tls?: TlsMaterial
 }
 
 /** Builds the client-facing HTTP server: the registry API, health, readiness and metrics. */
 export function createHttpServer (c: HttpComponents, routing: RoutingInit, init: HttpInit = {}): FastifyInstance {
   const log = c.logger.child({ component: 'http' })
   const app = Fastify({
+    ...(init.tls !== undefined ? { https: { cert: init.tls.cert, key: init.tls.key } } : {}),
     logger: false,
     routerOptions: { maxParamLength: 2048 },
     forceCloseConnections: true,

@@ -30,6 +30,15 @@ describe('config', () => {
     expect(buildConfig({ upstreamHold: 'off', upstreamDeadline: '3s', shutdownGrace: '0' }, env).upstreamTimeouts).toMatchObject({ deadlineMs: 3000, breakerHoldMs: 0 })
     expect(settingsFromEnv({ PULLMESH_UPSTREAM_PROXY: 'a.io=http://p:1,b.io=direct' }).upstreamProxy).toEqual(['a.io=http://p:1', 'b.io=direct'])
   })
+  it('checks the TLS pair: both files or neither, readable, a certificate and its key', () => {
+    expect(() => buildConfig({ tlsCert: '/nonexistent/cert.pem' }, env)).toThrow(/give both/)
+    expect(() => buildConfig({ tlsCert: '/nonexistent/c.pem', tlsKey: '/nonexistent/k.pem' }, env)).toThrow(/cannot read it \(ENOENT\)/)
+    const dir = mkdtempSync(join(tmpdir(), 'pm-cfg-tls-'))
+    writeFileSync(join(dir, 'c.pem'), 'not a certificate')
+    writeFileSync(join(dir, 'k.pem'), 'not a key')
+    expect(() => buildConfig({ tlsCert: join(dir, 'c.pem'), tlsKey: join(dir, 'k.pem') }, env)).toThrow(/not a PEM certificate/)
+    expect(buildConfig({}, env).tls).toBeUndefined()
+  })
   it('uses XDG_DATA_HOME', () => {
     expect(buildConfig({}, { XDG_DATA_HOME: '/x' }).dataDir).toBe('/x/pullmesh')
   })
