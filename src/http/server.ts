@@ -47,11 +47,12 @@ export function createHttpServer (c: HttpComponents, routing: RoutingInit, init:
     },
   })
 
+  /** Responses not closed yet (for the drain on close), and who waits for the last one. */
+  const inFlight = new Set<object>()
+  let drained: (() => void) | undefined
   // Logged when the response closes, not on 'finish': a client that hangs up as soon as it has every
   // byte must still be counted and logged (onResponse would never fire for it).
   // Timed here, not with reply.elapsedTime, which stops when sendBody() takes the response over.
-  const inFlight = new Set<object>()
-  let drained: (() => void) | undefined
   app.addHook('onRequest', async (req, reply) => {
     const t0 = performance.now()
     inFlight.add(reply.raw)
