@@ -88,6 +88,15 @@ describe('listings against the real distribution registry', () => {
     expect(out.Tags.sort()).toEqual(tags)
   })
 
+  it('lets the real podman list tags through the mirror', async () => {
+    const host = new URL(daemon.url()).host
+    const { stdout } = await run('podman', ['search', '--list-tags', '--limit', '100', '--tls-verify=false', `${host}/registry.test/team/app`], { timeoutMs: 60_000 })
+    // NAME  TAG, one line a tag
+    const rows = stdout.trim().split('\n').slice(1).map(l => l.trim().split(/\s+/))
+    expect(rows.every(r => r[0] === `${host}/registry.test/team/app`)).toBe(true)
+    expect(rows.map(r => r[1]).sort()).toEqual(tags)
+  })
+
   it('refuses _catalog with a clear OCI error', async () => {
     const r = await simpleRequest(`${daemon.url()}/v2/_catalog`)
     expect(r.status).toBe(405)
