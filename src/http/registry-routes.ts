@@ -7,7 +7,9 @@ import { parseDigest } from '../oci/digest.js'
 import { sendBody } from './send-body.js'
 import { contentRange, parseRange } from '../oci/range.js'
 import { parseAccept } from '../oci/media-types.js'
-import { OciError, blobUnknown, unsupported } from '../errors.js'
+import { OciError, UpstreamUnavailableError, blobUnknown, unsupported } from '../errors.js'
+import type { Digest } from '../oci/digest.js'
+import type { Target } from '../oci/reference.js'
 import type { Listings } from '../content/listings.js'
 import { MediaType } from '../oci/media-types.js'
 
@@ -78,8 +80,9 @@ export function registerRegistryRoutes (app: FastifyInstance, c: RegistryRoutesC
 
       const digest = parseDigest(route.digest)
       if (head) {
-        // A HEAD never starts a download: the store or a fill running here, else the upstream's HEAD.
-        const size = (await resolver.localBlob(digest))?.size ?? await listings.blobSize(target, digest, signal)
+        // A HEAD does not start a download: the store or a fill running here, else the upstream's HEAD.
+        // Only when the upstream cannot answer does it fall back to a fill (which asks the peers first).
+        const size = (await resolver.localBlob(digest))?.size ?? await upstreamBlobSize(target, digest, signal)
         if (size === undefined) throw blobUnknown({ digest })
         void reply
           .header('content-type', 'application/octet-stream')
@@ -103,6 +106,15 @@ export function registerRegistryRoutes (app: FastifyInstance, c: RegistryRoutesC
       return await sendBody(reply, stream)
     },
   })
+
+  async function upstreamBlobSize (target: Target, digest: Digest, signal: AbortSignal): Promise<number | undefined> {
+    try {
+      return await listings.blobSize(target, digest, signal)
+    } catch (err) {
+      if (!(err instanceof UpstreamUnavailableError)) throw err
+      return (await resolver.blob(target, digest, signal)).size
+    }
+  }
 
   // Everything that writes is refused: this is a read-only mirror.
   app.route({
