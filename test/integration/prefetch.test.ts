@@ -85,6 +85,8 @@ async function prefetch (...args: string[]): Promise<RunResult> {
 }
 
 const stored = async (digest: string): Promise<boolean> => (await daemon.store.stat(parseDigest(digest))) !== undefined
+/** A blob a client has received whole is committed to the store just after (fsync, rename, index): wait for that. */
+const committed = async (d: string): Promise<void> => { await expect.poll(async () => await stored(d), { message: d, timeout: 5000 }).toBe(true) }
 const allOf = (p: PlatformImage): string[] => [p.manifest, p.config, ...p.layers]
 const image = (): string => `${up.host}/${REPO}:multi`
 
@@ -110,7 +112,7 @@ describe('pullmesh prefetch', () => {
     const r = await prefetch('--url', daemon.url(), image())
     expect(r.stderr).toBe('')
     expect(r.code).toBe(0)
-    for (const d of [seeded.index, ...allOf(seeded.amd64), ...allOf(seeded.arm64)]) expect(await stored(d), d).toBe(true)
+    for (const d of [seeded.index, ...allOf(seeded.amd64), ...allOf(seeded.arm64)]) await committed(d)
     // one plain line per blob (the shared layer once) and one for the image
     const blobLines = r.stdout.split('\n').filter(l => / sha256:[0-9a-f]{12}… .* done$/.test(l))
     expect(blobLines).toHaveLength(5)
@@ -124,7 +126,7 @@ describe('pullmesh prefetch', () => {
   it('--platform linux/arm64 fetches only that platform', async () => {
     const r = await prefetch('--url', daemon.url(), '--platform', 'linux/arm64', image())
     expect(r.code).toBe(0)
-    for (const d of allOf(seeded.arm64)) expect(await stored(d), d).toBe(true)
+    for (const d of allOf(seeded.arm64)) await committed(d)
     expect(await stored(seeded.amd64.manifest)).toBe(false)
     expect(await stored(seeded.amd64.config)).toBe(false)
     expect(await stored(seeded.amd64.layers[1]!)).toBe(false)
@@ -142,7 +144,7 @@ describe('pullmesh prefetch', () => {
     expect(r.code).toBe(1)
     expect(r.stderr).toContain(`pullmesh prefetch: ${up.host}/${REPO}:nope: manifest nope: MANIFEST_UNKNOWN:`)
     expect(r.stderr).toContain('1 of 2 images failed')
-    for (const d of allOf(seeded.arm64)) expect(await stored(d), d).toBe(true)
+    for (const d of allOf(seeded.arm64)) await committed(d)
   })
 
   it('an upstream the daemon does not serve exits 1 with NAME_UNKNOWN', async () => {
@@ -159,7 +161,7 @@ describe('pullmesh prefetch', () => {
     const r = await prefetch('--url', daemon.url(), '--from-file', list, `${REPO}@${seeded.arm64.manifest}`)
     expect(r.stderr).toBe('')
     expect(r.code).toBe(0)
-    for (const d of [...allOf(seeded.amd64), ...allOf(seeded.arm64)]) expect(await stored(d), d).toBe(true)
+    for (const d of [...allOf(seeded.amd64), ...allOf(seeded.arm64)]) await committed(d)
     expect(r.stdout).toMatch(/prefetched 2 images /)
     expect(up.requests.some(q => q.path === `/v2/${REPO}/manifests/${seeded.amd64.manifest}`)).toBe(true)
   })
@@ -173,7 +175,7 @@ describe('pullmesh prefetch', () => {
     expect(r.stderr).toMatch(/FAILED: blob sha256:[0-9a-f]{64}: /)
     expect(r.stderr).toContain('1 of 1 image failed')
     expect(await stored(bad)).toBe(false)
-    for (const d of allOf(seeded.arm64)) expect(await stored(d), d).toBe(true)
+    for (const d of allOf(seeded.arm64)) await committed(d)
   })
 
   it('after the upstream goes away, the prefetched image is still served', async () => {
