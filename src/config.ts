@@ -1,10 +1,12 @@
 import { readFileSync } from 'node:fs'
 import { homedir } from 'node:os'
 import { isAbsolute, join, resolve } from 'node:path'
+import { createSecureContext } from 'node:tls'
 import { z } from 'zod'
 import { ConfigError } from './errors.js'
 import { parseDnsName } from './mesh/dns-discovery.js'
 import { parseMeshKey } from './mesh/psk.js'
+import type { UpstreamProxy } from './upstream/types.js'
 
 export type LogLevel = 'fatal' | 'error' | 'warn' | 'info' | 'debug' | 'trace' | 'silent'
 const LOG_LEVELS: readonly LogLevel[] = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']
@@ -17,6 +19,8 @@ export interface UpstreamConfig {
   credentials?: { username: string, password: string }
   /** Share content pulled with these credentials with peers anyway. */
   shareWithPeers: boolean
+  /** How to reach it: a proxy of its own, or the HTTP(S)_PROXY rules; undefined: directly. */
+  proxy?: UpstreamProxy
 }
 
 /** The daemon's whole configuration, validated once and frozen. */
@@ -31,7 +35,15 @@ export interface Config {
   /** Evict content not accessed for this long (undefined: never). */
   maxAgeMs: number | undefined
   logLevel: LogLevel
-  upstreamTimeouts: { connectMs: number, headersMs: number, bodyIdleMs: number }
+  /**
+   * `deadlineMs`: a miss fails after this long without an answer from the upstream (all attempts);
+   * `breakerHoldMs`: after the upstream could not be reached, requests to it fail at once for this long.
+   */
+  upstreamTimeouts: { connectMs: number, headersMs: number, bodyIdleMs: number, deadlineMs: number, breakerHoldMs: number }
+  /** On SIGTERM, responses in flight get this long to finish before their connections are closed. */
+  shutdownGraceMs: number
+  /** Serve the client API over HTTPS with these PEM files (re-read on SIGHUP). */
+  tls?: { certFile: string, keyFile: string }
   upstreamMaxAttempts: number
   mesh: {
     enabled: boolean
@@ -81,6 +93,12 @@ export interface RawSettings {
   upstreamHeadersTimeout?: string
   upstreamBodyTimeout?: string
   upstreamRetries?: string
+  upstreamDeadline?: string
+  upstreamHold?: string
+  upstreamProxy?: string[]
+  shutdownGrace?: string
+  tlsCert?: string
+  tlsKey?: string
   shareCredentialed?: string[]
 }
 
@@ -111,9 +129,15 @@ export const ENV_VARS: Record<string, keyof RawSettings> = {
   PULLMESH_UPSTREAM_HEADERS_TIMEOUT: 'upstreamHeadersTimeout',
   PULLMESH_UPSTREAM_BODY_TIMEOUT: 'upstreamBodyTimeout',
   PULLMESH_UPSTREAM_RETRIES: 'upstreamRetries',
+  PULLMESH_UPSTREAM_DEADLINE: 'upstreamDeadline',
+  PULLMESH_UPSTREAM_HOLD: 'upstreamHold',
+  PULLMESH_UPSTREAM_PROXY: 'upstreamProxy',
+  PULLMESH_SHUTDOWN_GRACE: 'shutdownGrace',
+  PULLMESH_TLS_CERT: 'tlsCert',
+  PULLMESH_TLS_KEY: 'tlsKey',
   PULLMESH_SHARE_CREDENTIALED: 'shareCredentialed',
 }
-const LIST_SETTINGS = new Set<keyof RawSettings>(['upstream', 'bootstrap', 'bootstrapDns', 'p2pListen', 'shareCredentialed'])
+const LIST_SETTINGS = new Set<keyof RawSettings>(['upstream', 'bootstrap', 'bootstrapDns', 'p2pListen', 'shareCredentialed', 'upstreamProxy'])
 
 export const DEFAULTS = {
   listen: '127.0.0.1:5000',
@@ -131,6 +155,9 @@ export const DEFAULTS = {
   upstreamHeadersTimeout: '30s',
   upstreamBodyTimeout: '60s',
   upstreamRetries: '3',
+  upstreamDeadline: '10s',
+  upstreamHold: '15s',
+  shutdownGrace: '10s',
 } as const
 
 export function defaultDataDir (env: Record<string, string | undefined>): string {
@@ -178,6 +205,12 @@ const fileSchema = z.object({
   upstreamHeadersTimeout: z.union([z.string(), z.number()]),
   upstreamBodyTimeout: z.union([z.string(), z.number()]),
   upstreamRetries: z.union([z.string(), z.number()]),
+  upstreamDeadline: z.union([z.string(), z.number()]),
+  upstreamHold: z.union([z.string(), z.number()]),
+  upstreamProxy: z.record(z.string(), z.string()),
+  shutdownGrace: z.union([z.string(), z.number()]),
+  tlsCert: z.string(),
+  tlsKey: z.string(),
   shareCredentialed: z.array(z.string()),
 }).partial().strict()
 
@@ -225,6 +258,12 @@ export function settingsFromFile (path: string, problems: string[]): RawSettings
     upstreamHeadersTimeout: str(d.upstreamHeadersTimeout),
     upstreamBodyTimeout: str(d.upstreamBodyTimeout),
     upstreamRetries: str(d.upstreamRetries),
+    upstreamDeadline: str(d.upstreamDeadline),
+    upstreamHold: str(d.upstreamHold),
+    upstreamProxy: Object.entries(d.upstreamProxy ?? {}).map(([k, v]) => `${k}=${v}`),
+    shutdownGrace: str(d.shutdownGrace),
+    tlsCert: rel(d.tlsCert),
+    tlsKey: rel(d.tlsKey),
     shareCredentialed: d.shareCredentialed,
   }
 }
@@ -308,6 +347,9 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
   const connectMs = dur('upstream-connect-timeout', s.upstreamConnectTimeout, 10)
   const headersMs = dur('upstream-headers-timeout', s.upstreamHeadersTimeout, 10)
   const bodyIdleMs = dur('upstream-body-timeout', s.upstreamBodyTimeout, 10)
+  const deadlineMs = dur('upstream-deadline', s.upstreamDeadline, 100)
+  const breakerHoldMs = s.upstreamHold === 'off' ? 0 : dur('upstream-hold', s.upstreamHold, 0)
+  const shutdownGraceMs = dur('shutdown-grace', s.shutdownGrace, 0)
   const retries = Number(s.upstreamRetries)
   if (!Number.isInteger(retries) || retries < 1 || retries > 10) problems.push(`upstream-retries: expected an attempt count from 1 to 10, got "${s.upstreamRetries}"`)
 
@@ -338,6 +380,7 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
   if (upstreams.length > 0 && !names.has(defaultUpstream)) problems.push(`default-upstream: "${defaultUpstream}" is not a configured upstream (${[...names].join(', ')})`)
 
   if (s.credentialsFile !== undefined) readCredentials(s.credentialsFile, upstreams, problems)
+  assignProxies(upstreams, s.upstreamProxy ?? [], proxyFromEnv(env, problems), problems)
   for (const name of s.shareCredentialed ?? []) {
     const u = upstreams.find(x => x.name === name.toLowerCase())
     if (u === undefined) problems.push(`share-credentialed: "${name}" is not a configured upstream`)
@@ -358,6 +401,16 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
     if (!/^\/(ip4|ip6|dns|dns4|dns6)\/[^/]+\/tcp\/\d+\/p2p\/[A-Za-z0-9]+$/.test(a)) problems.push(`bootstrap: expected /ip4/HOST/tcp/PORT/p2p/PEER-ID, got "${a}"`)
   }
   if (s.meshKey !== undefined) checkMeshKey(s.meshKey, problems)
+  if ((s.tlsCert === undefined) !== (s.tlsKey === undefined)) problems.push('tls-cert and tls-key: give both, or neither')
+  for (const [name, file] of [['tls-cert', s.tlsCert], ['tls-key', s.tlsKey]] as const) {
+    if (file === undefined) continue
+    try { readFileSync(file) } catch (err) { problems.push(`${name} ${file}: cannot read it (${(err as NodeJS.ErrnoException).code ?? 'error'})`) }
+  }
+  if (s.tlsCert !== undefined && s.tlsKey !== undefined && !problems.some(p => p.startsWith('tls-'))) {
+    try { createSecureContext({ cert: readFileSync(s.tlsCert), key: readFileSync(s.tlsKey) }) } catch {
+      problems.push('tls-cert and tls-key: not a PEM certificate and the private key that belongs to it')
+    }
+  }
 
   if (problems.length > 0) throw new ConfigError(problems)
 
@@ -370,7 +423,9 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
     maxBytes: maxBytes!,
     maxAgeMs,
     logLevel,
-    upstreamTimeouts: { connectMs, headersMs, bodyIdleMs },
+    upstreamTimeouts: { connectMs, headersMs, bodyIdleMs, deadlineMs, breakerHoldMs },
+    shutdownGraceMs,
+    ...(s.tlsCert !== undefined && s.tlsKey !== undefined ? { tls: { certFile: resolve(s.tlsCert), keyFile: resolve(s.tlsKey) } } : {}),
     upstreamMaxAttempts: retries,
     mesh: {
       enabled: meshEnabled,
@@ -402,6 +457,50 @@ function checkMeshKey (path: string, problems: string[]): void {
     parseMeshKey(buf)
   } catch (err) {
     problems.push(`mesh-key ${path}: ${(err as Error).message}; create one with "pullmesh keygen FILE"`)
+  }
+}
+
+/** Checks a proxy URL; the message never echoes it (it may carry credentials). */
+function proxyUrl (v: string, what: string, problems: string[]): string | undefined {
+  let u: URL | undefined
+  try { u = new URL(v) } catch { u = undefined }
+  if (u === undefined || !['http:', 'https:', 'socks5:'].includes(u.protocol) || u.hostname === '') {
+    problems.push(`${what}: expected an http://, https:// or socks5:// proxy URL`)
+    return undefined
+  }
+  return v
+}
+
+/** HTTP_PROXY, HTTPS_PROXY and NO_PROXY (either case, lower case first, as curl reads them). */
+function proxyFromEnv (env: Record<string, string | undefined>, problems: string[]): UpstreamProxy | undefined {
+  const get = (n: string): string | undefined => {
+    const v = env[n.toLowerCase()] ?? env[n]
+    return v === undefined || v.trim() === '' ? undefined : v.trim()
+  }
+  const http = get('HTTP_PROXY')
+  const https = get('HTTPS_PROXY')
+  if (http === undefined && https === undefined) return undefined
+  const httpProxy = http !== undefined ? proxyUrl(http, 'HTTP_PROXY', problems) : undefined
+  const httpsProxy = https !== undefined ? proxyUrl(https, 'HTTPS_PROXY', problems) : undefined
+  const noProxy = get('NO_PROXY')
+  return { kind: 'env', ...(httpProxy !== undefined ? { httpProxy } : {}), ...(httpsProxy !== undefined ? { httpsProxy } : {}), ...(noProxy !== undefined ? { noProxy } : {}) }
+}
+
+/** `--upstream-proxy NAME=URL` (or `NAME=direct`) wins over the environment for that upstream. */
+function assignProxies (upstreams: UpstreamConfig[], specs: string[], fromEnv: UpstreamProxy | undefined, problems: string[]): void {
+  const own = new Map<string, UpstreamProxy | 'direct'>()
+  for (const spec of specs) {
+    const eq = spec.indexOf('=')
+    const name = eq > 0 ? spec.slice(0, eq).trim().toLowerCase() : ''
+    const value = eq > 0 ? spec.slice(eq + 1).trim() : ''
+    if (!upstreams.some(u => u.name === name)) { problems.push(`upstream-proxy: expected NAME=URL for a configured upstream, got "${name === '' ? spec.slice(0, 100) : name}"`); continue }
+    if (value === 'direct') { own.set(name, 'direct'); continue }
+    const url = proxyUrl(value, `upstream-proxy ${name}`, problems)
+    if (url !== undefined) own.set(name, { kind: 'url', url })
+  }
+  for (const u of upstreams) {
+    const p = own.get(u.name) ?? fromEnv
+    if (p !== undefined && p !== 'direct') u.proxy = p
   }
 }
 

@@ -9,8 +9,11 @@ import type { UpstreamClient } from './upstream/types.js'
 import { networkInterfaces } from 'node:os'
 import { createResolver, type Resolver } from './content/resolver.js'
 import { createPeerContent } from './content/peer-source.js'
+import { createListings } from './content/listings.js'
 import type { PeerContent } from './content/types.js'
 import { createHttpServer } from './http/server.js'
+import { loadTlsSync, reloadTls } from './http/tls.js'
+import type { Server as HttpsServer } from 'node:https'
 import { registerStatusRoutes } from './http/status-routes.js'
 import { registerAdminRoutes } from './http/admin-routes.js'
 import { createEvictor, type Evictor } from './store/eviction.js'
@@ -35,6 +38,8 @@ export interface Daemon {
   peerUrl (): string | undefined
   start (): Promise<void>
   stop (): Promise<void>
+  /** Reloads what can change without a restart: the client API's TLS certificate and key. Never throws. */
+  reload (): Promise<void>
 }
 
 /**
@@ -56,6 +61,9 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       bodyIdleTimeoutMs: config.upstreamTimeouts.bodyIdleMs,
       maxAttempts: config.upstreamMaxAttempts,
       retryBaseMs: 200,
+      deadlineMs: config.upstreamTimeouts.deadlineMs,
+      breakerHoldMs: config.upstreamTimeouts.breakerHoldMs,
+      ...(u.proxy !== undefined ? { proxy: u.proxy } : {}),
     }))
   }
   // The mesh needs the data path's port, known only once it listens; the resolver is built now and
@@ -87,6 +95,7 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
     // With the upstream unreachable, a tag peers can answer waits about one connect attempt plus a peer timeout.
     outageProbeMs: config.upstreamTimeouts.connectMs + config.mesh.peerTimeoutMs,
   })
+  const listings = createListings({ upstreams, logger, metrics }, { referrersTtlMs: config.tagTtlMs, tagsTtlMs: Math.min(config.tagTtlMs, 30_000) })
   let ready = false
   const evictor: Evictor = createEvictor({ store, logger, metrics, busy: () => resolver.activeFills() }, {
     maxBytes: config.maxBytes,
@@ -103,7 +112,10 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
     }, components.version ?? 'dev')
     registerAdminRoutes(app, { resolver, store, evictor, metrics, logger }, routing)
   }
-  const http: FastifyInstance = createHttpServer({ resolver, metrics, logger, ready: () => ready, extraRoutes }, routing)
+  const http: FastifyInstance = createHttpServer({ resolver, listings, metrics, logger, ready: () => ready, extraRoutes }, routing, {
+    shutdownGraceMs: config.shutdownGraceMs,
+    ...(config.tls !== undefined ? { tls: loadTlsSync(config.tls) } : {}),
+  })
   let mesh: Mesh | undefined
   let peerHttp: FastifyInstance | undefined
   let peerUrl: string | undefined
@@ -163,10 +175,19 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       const address = await http.listen({ host: config.listen.host, port: config.listen.port })
       const { port } = http.server.address() as { port: number }
       const host = config.listen.host.includes(':') ? `[${config.listen.host}]` : config.listen.host
-      url = `http://${host}:${port}`
+      url = `${config.tls !== undefined ? 'https' : 'http'}://${host}:${port}`
       ready = true
       state = 'started'
       logger.info({ url, address, dataDir: config.dataDir, upstreams: config.upstreams.map(u => `${u.name}=${u.url}`) }, 'pullmesh listening')
+    },
+    async reload () {
+      if (config.tls === undefined || state !== 'started') return
+      try {
+        await reloadTls(http.server as unknown as HttpsServer, config.tls)
+        logger.info({ cert: config.tls.certFile }, 'TLS certificate reloaded')
+      } catch (err) {
+        logger.error({ err, cert: config.tls.certFile }, 'TLS reload failed; the current certificate stays in use')
+      }
     },
     async stop () {
       if (state === 'stopping' || state === 'stopped' || state === 'new') { state = 'stopped'; return }

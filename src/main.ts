@@ -16,7 +16,14 @@ const stopRequested = (): Promise<string> => new Promise(resolve => {
   process.on('SIGTERM', onSignal)
 })
 
-runCli(process.argv.slice(2), { env: process.env, stdout: process.stdout, stderr: process.stderr, stopRequested })
+/** SIGHUP asks for a reload (the TLS certificate and key are read again). */
+const onReload = (fn: () => void): (() => void) => {
+  const handler = (): void => { fn() }
+  process.on('SIGHUP', handler)
+  return () => { process.off('SIGHUP', handler) }
+}
+
+runCli(process.argv.slice(2), { env: process.env, stdout: process.stdout, stderr: process.stderr, stopRequested, onReload })
   .then(code => { process.exitCode = code })
   .catch((err: unknown) => {
     process.stderr.write(`pullmesh: ${err instanceof Error ? err.stack ?? err.message : String(err)}\n`)

@@ -18,6 +18,8 @@ export interface CliIo {
   stderr: Writable
   /** Resolves with the signal name when the process is asked to stop. */
   stopRequested: () => Promise<string>
+  /** Registers what to do when the process is asked to reload (SIGHUP); returns the unregister function. */
+  onReload?: (fn: () => void) => () => void
 }
 
 const VERSION = (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }).version
@@ -63,6 +65,12 @@ export async function runCli (argv: string[], io: CliIo): Promise<number> {
     .option('--upstream-headers-timeout <duration>', 'default 30s')
     .option('--upstream-body-timeout <duration>', 'idle time allowed mid-body (default 60s)')
     .option('--upstream-retries <n>', 'attempts for idempotent upstream requests (default 3)')
+    .option('--upstream-deadline <duration>', 'a miss fails if the upstream has not answered within this, retries included (default 10s)')
+    .option('--upstream-hold <duration>', 'after the upstream was unreachable, fail requests to it at once for this long, or "off" (default 15s)')
+    .option('--upstream-proxy <name=url>', 'proxy for one upstream (http://, https://, socks5:// or "direct"); repeatable; default HTTP(S)_PROXY/NO_PROXY', collect)
+    .option('--tls-cert <file>', 'serve the client API over HTTPS with this PEM certificate (chain); re-read on SIGHUP')
+    .option('--tls-key <file>', 'the PEM private key for --tls-cert; re-read on SIGHUP')
+    .option('--shutdown-grace <duration>', 'on SIGTERM, downloads in flight get this long to finish (default 10s)')
     .option('--share-credentialed <upstream>', 'share content pulled with credentials for this upstream with peers; repeatable', collect)
     .action(async (_opts: Record<string, unknown>, cmd: Command) => {
       exitCode = await start(cmd, io)
@@ -119,7 +127,9 @@ async function start (cmd: Command, io: CliIo): Promise<number> {
     return 1
   }
   io.stderr.write(`pullmesh listening on ${daemon.url()} (data in ${config.dataDir})\n`)
+  const offReload = io.onReload?.(() => { void daemon.reload() })
   const signal = await io.stopRequested()
+  offReload?.()
   logger.info({ signal }, 'stopping')
   await daemon.stop()
   logger.flush()

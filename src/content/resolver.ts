@@ -10,7 +10,7 @@ import type { BlobHandle, ContentOrigin, ManifestResult, PeerContent } from './t
 import type { PeerHolder } from '../mesh/types.js'
 import { parseReference, parseRepoName } from '../oci/reference.js'
 import { digestOf, sha256Of, tryParseDigest } from '../oci/digest.js'
-import { INDEX_MEDIA_TYPES, MAX_MANIFEST_BYTES, SINGLE_MANIFEST_MEDIA_TYPES, accepts, sniffManifestMediaType } from '../oci/media-types.js'
+import { INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, SINGLE_MANIFEST_MEDIA_TYPES, accepts, sniffManifestMediaType } from '../oci/media-types.js'
 import { NotFoundError, OciError, UpstreamError, UpstreamProtocolError, UpstreamRateLimitedError, UpstreamUnavailableError, VerificationError, blobUnknown, manifestUnknown } from '../errors.js'
 import { Fill, type FillSource } from './fill.js'
 
@@ -165,7 +165,9 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
     const body = await store.readBuffer(digest, MAX_MANIFEST_BYTES)
     if (body === undefined) return undefined
     store.touch(digest, repo)
-    return { body, mediaType: info.mediaType, digest, source: 'store' }
+    // A manifest first cached through /blobs/ was stored as octet-stream: its own bytes tell its type.
+    const mediaType = MANIFEST_MEDIA_TYPES.includes(info.mediaType) ? info.mediaType : (sniffManifestMediaType(body) ?? info.mediaType)
+    return { body, mediaType, digest, source: 'store' }
   }
 
   async function manifestByDigest (target: Target, digest: Digest, direct = false, flightKey = ''): Promise<ManifestResult> {
@@ -230,7 +232,7 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
     const revalidating = rec !== undefined && cached !== undefined
     // Peers can answer this tag if the upstream turns out to be down (used only then, and only without a record of ours).
     const peersKnow = !revalidating && !direct && (peers?.tagRecords(target.upstream, target.repo, tag).length ?? 0) > 0
-    if ((revalidating || peersKnow) && (downUntil.get(up.name) ?? 0) > now()) {
+    if ((revalidating || peersKnow) && ((downUntil.get(up.name) ?? 0) > now() || !up.available())) {
       const stale = await staleAnswer(target, tag, rec, cached, 'upstream recently failed', true)
       if (stale !== undefined) return stale
     }

@@ -40,8 +40,12 @@ export async function sendBody (reply: FastifyReply, body: Readable): Promise<Fa
     throw err
   }
   reply.hijack()
-  if (res.destroyed || res.socket === null || res.socket.destroyed) { body.destroy(); return reply }
+  // A response pipelined behind another one on the same connection has no socket yet (res.socket is
+  // null until Node assigns it): it is written now and queued by Node, not taken for a departed client.
+  if (res.destroyed || res.socket?.destroyed === true) { body.destroy(); return reply }
   res.once('close', () => body.destroy())
+  // Such a queued response never emits 'close' if the connection dies before its turn; its request does.
+  reply.request.raw.once('close', () => { if (!res.writableFinished) body.destroy() })
   res.writeHead(reply.statusCode, reply.getHeaders() as OutgoingHttpHeaders)
   body.on('data', (chunk: Buffer) => {
     const more = res.write(chunk, err => { if (err == null) body.recycle(chunk) })

@@ -8,9 +8,14 @@ import {
   UpstreamUnavailableError, VerificationError,
 } from '../errors.js'
 import { registerRegistryRoutes } from './registry-routes.js'
+import type { Listings } from '../content/listings.js'
+import type { TlsMaterial } from './tls.js'
+import { UpstreamCircuitOpenError } from '../upstream/breaker.js'
+import { BlobTooLargeError } from '../store/errors.js'
 
 export interface HttpComponents {
   resolver: Resolver
+  listings: Listings
   metrics: Metrics
   logger: Logger
   /** Readiness: true once every part has started. */
@@ -19,10 +24,18 @@ export interface HttpComponents {
   extraRoutes?: (app: FastifyInstance) => void
 }
 
+export interface HttpInit {
+  /** On close, responses in flight get this long to finish before their connections are cut (default 0). */
+  shutdownGraceMs?: number
+  /** Serve HTTPS with this certificate and key (see ./tls.ts for reloading them). */
+  tls?: TlsMaterial
+}
+
 /** Builds the client-facing HTTP server: the registry API, health, readiness and metrics. */
-export function createHttpServer (c: HttpComponents, routing: RoutingInit): FastifyInstance {
+export function createHttpServer (c: HttpComponents, routing: RoutingInit, init: HttpInit = {}): FastifyInstance {
   const log = c.logger.child({ component: 'http' })
   const app = Fastify({
+    ...(init.tls !== undefined ? { https: { cert: init.tls.cert, key: init.tls.key } } : {}),
     logger: false,
     routerOptions: { maxParamLength: 2048 },
     forceCloseConnections: true,
@@ -37,16 +50,23 @@ export function createHttpServer (c: HttpComponents, routing: RoutingInit): Fast
     },
   })
 
+  /** Responses not closed yet (for the drain on close), and who waits for the last one. */
+  const inFlight = new Set<object>()
+  let drained: (() => void) | undefined
   // Logged when the response closes, not on 'finish': a client that hangs up as soon as it has every
   // byte must still be counted and logged (onResponse would never fire for it).
   // Timed here, not with reply.elapsedTime, which stops when sendBody() takes the response over.
   app.addHook('onRequest', async (req, reply) => {
     const t0 = performance.now()
+    inFlight.add(reply.raw)
     reply.raw.once('close', () => {
+      inFlight.delete(reply.raw)
+      if (inFlight.size === 0) drained?.()
       const ms = performance.now() - t0
       const route = routeLabel(req.raw.url ?? '')
-      const status = reply.raw.statusCode
       const complete = reply.raw.writableFinished
+      // A client that hung up before any answer gets none: counted as 499 (nginx's "client closed request").
+      const status = !complete && !reply.raw.headersSent ? 499 : reply.raw.statusCode
       c.metrics.httpRequests.inc({ route, method: req.method, status: String(status) })
       c.metrics.httpDuration.observe({ route }, ms / 1000)
       const fields = { method: req.method, url: req.raw.url, statusCode: status, ms: Math.round(ms), remote: req.ip, ...(complete ? {} : { aborted: true }) }
@@ -55,7 +75,28 @@ export function createHttpServer (c: HttpComponents, routing: RoutingInit): Fast
     })
   })
 
+  // Drain: once closing, fastify answers new requests 503 (return503OnClosing); responses in flight
+  // (a layer download) get the grace period to finish before the connections are closed.
+  app.addHook('preClose', async () => {
+    const graceMs = init.shutdownGraceMs ?? 0
+    if (inFlight.size === 0 || graceMs <= 0) return
+    log.info({ inFlight: inFlight.size, graceMs }, 'draining responses in flight')
+    let timer: NodeJS.Timeout | undefined
+    await new Promise<void>(resolve => {
+      drained = resolve
+      timer = setTimeout(resolve, graceMs)
+    })
+    clearTimeout(timer)
+    drained = undefined
+    if (inFlight.size > 0) log.warn({ inFlight: inFlight.size }, 'grace period over; closing responses still in flight')
+  })
+
   app.setErrorHandler((err: FastifyError | Error, req, reply) => {
+    if (reply.raw.destroyed && !reply.raw.headersSent) {
+      // The client hung up while it waited (a cold miss): its abort, not our failure.
+      log.debug({ url: req.raw.url, reason: err.message }, 'client went away before the answer')
+      return
+    }
     const e = toOciError(err)
     if (e.status >= 500) log.error({ err, url: req.raw.url }, 'request failed')
     if (reply.raw.headersSent) { reply.raw.destroy(); return }
@@ -74,7 +115,7 @@ export function createHttpServer (c: HttpComponents, routing: RoutingInit): Fast
     return reply.type(c.metrics.registry.contentType).send(body)
   })
 
-  registerRegistryRoutes(app, { resolver: c.resolver, metrics: c.metrics }, routing)
+  registerRegistryRoutes(app, { resolver: c.resolver, metrics: c.metrics, listings: c.listings }, routing)
   c.extraRoutes?.(app)
   return app
 }
@@ -97,6 +138,10 @@ export function toOciError (err: unknown): OciError {
     return new OciError('TOOMANYREQUESTS', 429, 'the upstream registry is rate-limiting; retry later', { upstream: err.upstream },
       err.retryAfter !== undefined ? { 'retry-after': err.retryAfter } : {})
   }
+  if (err instanceof UpstreamCircuitOpenError) {
+    return new OciError('UNAVAILABLE', 503, 'the upstream registry is unreachable and the content is not cached; not retried until the hold ends',
+      { upstream: err.upstream, reason: err.message }, { 'retry-after': String(err.retryAfterS) })
+  }
   if (err instanceof UpstreamUnavailableError) {
     return new OciError('UNAVAILABLE', 503, 'the upstream registry is unavailable and the content is not cached', { upstream: err.upstream, status: err.status })
   }
@@ -110,6 +155,8 @@ export function toOciError (err: unknown): OciError {
     return new OciError('DIGEST_INVALID', 502, 'content failed digest verification and was discarded', { expected: err.expected })
   }
   if (err instanceof NotFoundError) return new OciError('BLOB_UNKNOWN', 404, 'blob unknown to registry')
+  // Only manifests are read whole: a digest that names a larger blob names no manifest.
+  if (err instanceof BlobTooLargeError) return new OciError('MANIFEST_UNKNOWN', 404, 'manifest unknown', { reason: 'the digest names a blob too large to be a manifest' })
   const fe = err as FastifyError
   if (typeof fe.statusCode === 'number' && fe.statusCode >= 400 && fe.statusCode < 500) {
     return new OciError('UNSUPPORTED', fe.statusCode, fe.message)

@@ -79,6 +79,8 @@ export type RegistryRoute =
   | { kind: 'base' }
   | { kind: 'manifest', name: string, reference: string }
   | { kind: 'blob', name: string, digest: string }
+  | { kind: 'tags', name: string }
+  | { kind: 'referrers', name: string, digest: string }
 
 /**
  * Parses the path of a `/v2/...` request from the raw (undecoded) URL path. Percent-encoding never
@@ -94,8 +96,12 @@ export function parseRegistryPath (rawPath: string): RegistryRoute {
     throw nameInvalid({ path: rawPath.slice(0, 300), reason: 'dot path components are not allowed' })
   }
   if (/^\/v2\/.+\/blobs\/uploads(?:\/.*)?$/.test(rawPath)) throw unsupported({ reason: 'push is not supported' })
-  if (rawPath === '/v2/_catalog' || /^\/v2\/.+\/tags\/list$/.test(rawPath) || /^\/v2\/.+\/referrers\//.test(rawPath)) {
-    throw unsupported({ reason: 'listing is not supported by this mirror' })
+  if (rawPath === '/v2/_catalog') {
+    throw unsupported({ reason: 'a pull-through mirror has no catalog: list one repository with /v2/<name>/tags/list' })
+  }
+  const listing = /^\/v2\/(.+)\/(?:tags\/(list)|referrers\/([^/]+))$/.exec(rawPath)
+  if (listing !== null) {
+    return listing[2] === 'list' ? { kind: 'tags', name: listing[1]! } : { kind: 'referrers', name: listing[1]!, digest: listing[3]! }
   }
   const m = /^\/v2\/(.+)\/(manifests|blobs)\/([^/]+)$/.exec(rawPath)
   if (m === null) throw new OciError('NAME_INVALID', 404, 'unknown registry path', { path: rawPath.slice(0, 300) })

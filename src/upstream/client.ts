@@ -2,7 +2,7 @@
 // of HTTP statuses and network failures to our errors (see ./map-error.ts).
 import { Readable } from 'node:stream'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { Agent, interceptors, type Dispatcher } from 'undici'
+import { Agent, EnvHttpProxyAgent, ProxyAgent, interceptors, type Dispatcher } from 'undici'
 import { UpstreamDeniedError, UpstreamProtocolError, UpstreamRateLimitedError, UpstreamUnavailableError } from '../errors.js'
 import type { Logger } from '../logger.js'
 import type { Metrics } from '../metrics.js'
@@ -11,12 +11,13 @@ import { MAX_MANIFEST_BYTES, MediaType, UPSTREAM_MANIFEST_ACCEPT, sniffManifestM
 import type { ByteRange } from '../oci/range.js'
 import type { RepoName } from '../oci/reference.js'
 import { TokenCache, basicAuthorization, parseTokenResponse, parseWwwAuthenticate, pullScope } from './auth.js'
+import { CircuitBreaker } from './breaker.js'
 import { isRetryable, toUpstreamError } from './map-error.js'
-import type { AbortOptions, BlobResponse, ManifestHead, ManifestResponse, UpstreamClient, UpstreamInit } from './types.js'
+import type { AbortOptions, BlobResponse, ListingResponse, ManifestHead, ManifestResponse, UpstreamClient, UpstreamInit, UpstreamProxy } from './types.js'
 
 export interface UpstreamComponents { logger: Logger, metrics: Metrics }
 
-type Kind = 'manifest' | 'blob' | 'token'
+type Kind = 'manifest' | 'blob' | 'token' | 'listing'
 type Response = Dispatcher.ResponseData
 
 interface Exchange {
@@ -47,11 +48,14 @@ export function createUpstreamClient (components: UpstreamComponents, init: Upst
   const credentials = init.credentials
   const maxAttempts = Math.max(1, Math.floor(init.maxAttempts))
 
-  const agent = new Agent({
+  const agentOptions = {
     connect: { timeout: init.connectTimeoutMs },
     headersTimeout: init.headersTimeoutMs,
     bodyTimeout: init.bodyIdleTimeoutMs,
-  })
+  }
+  const agent: Dispatcher = createDispatcher(agentOptions, init.proxy)
+  const breaker = new CircuitBreaker({ upstream: name, holdMs: init.breakerHoldMs ?? 0 })
+  const deadlineMs = init.deadlineMs ?? 0
   // Cross-origin hops drop Authorization, Cookie and Proxy-Authorization (undici's RedirectHandler).
   const following = agent.compose(interceptors.redirect({ maxRedirections: MAX_REDIRECTS }))
 
@@ -204,10 +208,36 @@ export function createUpstreamClient (components: UpstreamComponents, init: Upst
    * that breaks mid-read) are retried too, which is safe because nothing reached the caller yet.
    */
   async function run<T> (ex: Exchange, handle: (res: Response) => Promise<T>): Promise<T> {
+    // Fail fast: an upstream that could not be reached moments ago is not waited on again.
+    const permit = breaker.acquire()
+    // One deadline for the whole exchange (token, redirects, retries) until the answer is in hand:
+    // a client never waits longer than this for response headers on a miss.
+    const deadline = new AbortController()
+    const timer = deadlineMs > 0
+      ? setTimeout(() => { deadline.abort(new UpstreamUnavailableError(name, `no answer from the upstream within ${deadlineMs} ms`)) }, deadlineMs)
+      : undefined
+    const signal = ex.signal !== undefined ? AbortSignal.any([ex.signal, deadline.signal]) : deadline.signal
+    const answered = { value: false }
+    try {
+      const out = await attempts({ ...ex, signal }, handle, answered)
+      permit.reachable()
+      return out
+    } catch (e) {
+      if (answered.value) permit.reachable()
+      else if (e instanceof UpstreamUnavailableError && ex.signal?.aborted !== true && e.status === undefined) permit.unreachable(e.message)
+      else permit.release()
+      throw e
+    } finally {
+      clearTimeout(timer)
+    }
+  }
+
+  async function attempts<T> (ex: Exchange, handle: (res: Response) => Promise<T>, answered: { value: boolean }): Promise<T> {
     for (let attempt = 1; ; attempt++) {
       const t0 = performance.now()
       try {
         const res = await authorized(ex)
+        answered.value = true
         if (res.statusCode >= 500) {
           await discard(res)
           throw new UpstreamUnavailableError(name, `upstream answered ${res.statusCode}`, res.statusCode)
@@ -245,6 +275,19 @@ export function createUpstreamClient (components: UpstreamComponents, init: Upst
   async function fail (res: Response): Promise<never> {
     await discard(res)
     throw statusError(res, 'upstream')
+  }
+
+  async function listing (res: Response, what: string, signal?: AbortSignal): Promise<ListingResponse> {
+    const body = await readBounded(res, MAX_MANIFEST_BYTES, what, signal)
+    return { body, mediaType: mediaTypeOf(res.headers), link: header(res.headers, 'link') }
+  }
+
+  /** The path of a `Link` target of ours, checked to stay on `expected` (same origin, same path). */
+  function samePath (link: string, expected: string): string {
+    let u: URL
+    try { u = new URL(link, origin) } catch { throw new UpstreamProtocolError(name, 'invalid Link target') }
+    if (u.origin !== origin || u.pathname !== expected) throw new UpstreamProtocolError(name, 'Link target leaves the listing')
+    return u.pathname + u.search
   }
 
   function manifestPath (repo: RepoName, reference: string): string {
@@ -315,6 +358,45 @@ export function createUpstreamClient (components: UpstreamComponents, init: Upst
       })
     },
 
+    async headBlob (repo: RepoName, digest: Digest, o?: AbortOptions): Promise<{ size: number } | undefined> {
+      const ex: Exchange = { kind: 'blob', method: 'HEAD', path: `${prefix}/v2/${repo}/blobs/${digest}`, repo, headers: { accept: '*/*' }, follow: true, signal: o?.signal }
+      return await run(ex, async res => {
+        await discard(res)
+        if (res.statusCode === 404) return undefined
+        if (res.statusCode !== 200) throw statusError(res, 'upstream')
+        const size = contentLength(res.headers)
+        if (size === undefined) throw new UpstreamProtocolError(name, 'blob HEAD without a valid Content-Length')
+        return { size }
+      })
+    },
+
+    async getReferrers (repo: RepoName, digest: Digest, o?: AbortOptions & { page?: string }): Promise<ListingResponse | undefined> {
+      const first = `${prefix}/v2/${repo}/referrers/${digest}`
+      const path = o?.page !== undefined ? samePath(o.page, first) : first
+      const ex: Exchange = { kind: 'listing', method: 'GET', path, repo, headers: { accept: `${MediaType.ociIndex}, application/json` }, follow: false, signal: o?.signal }
+      return await run(ex, async res => {
+        // Registries without the referrers API (distribution 2.8 among them) answer 404, some 400 or 405.
+        if (res.statusCode === 404 || res.statusCode === 400 || res.statusCode === 405) { await discard(res); return undefined }
+        if (res.statusCode !== 200) return await fail(res)
+        return await listing(res, 'referrers list', o?.signal)
+      })
+    },
+
+    async listTags (repo: RepoName, o?: AbortOptions & { n?: number, last?: string }): Promise<ListingResponse | undefined> {
+      const q = new URLSearchParams()
+      if (o?.n !== undefined) q.set('n', String(o.n))
+      if (o?.last !== undefined) q.set('last', o.last)
+      const query = q.size > 0 ? `?${q.toString()}` : ''
+      const ex: Exchange = { kind: 'listing', method: 'GET', path: `${prefix}/v2/${repo}/tags/list${query}`, repo, headers: { accept: 'application/json' }, follow: false, signal: o?.signal }
+      return await run(ex, async res => {
+        if (res.statusCode === 404) { await discard(res); return undefined }
+        if (res.statusCode !== 200) return await fail(res)
+        return await listing(res, 'tag list', o?.signal)
+      })
+    },
+
+    available: () => breaker.available,
+
     async close (): Promise<void> {
       closing ??= (async () => {
         tokens.clear()
@@ -330,6 +412,16 @@ export function createUpstreamClient (components: UpstreamComponents, init: Upst
       return await closing
     },
   }
+}
+
+/** The dispatcher for one upstream: direct, through one proxy, or by the HTTP(S)_PROXY/NO_PROXY rules. */
+function createDispatcher (options: { connect: { timeout: number }, headersTimeout: number, bodyTimeout: number }, proxy: UpstreamProxy | undefined): Dispatcher {
+  if (proxy?.kind === 'url') return new ProxyAgent({ ...options, uri: proxy.url })
+  if (proxy?.kind === 'env' && (proxy.httpProxy !== undefined || proxy.httpsProxy !== undefined)) {
+    // Every value is given (empty when unset): undici must not read process.env itself.
+    return new EnvHttpProxyAgent({ ...options, httpProxy: proxy.httpProxy ?? '', httpsProxy: proxy.httpsProxy ?? '', noProxy: proxy.noProxy ?? '' })
+  }
+  return new Agent(options)
 }
 
 /** Wraps an undici body: counts bytes, checks the length, and re-raises its errors as ours. */

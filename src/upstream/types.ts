@@ -16,6 +16,27 @@ export interface UpstreamInit {
   maxAttempts: number
   /** First backoff delay; doubles per attempt, with jitter. */
   retryBaseMs: number
+  /**
+   * Overall deadline of one exchange until its answer is in hand (all attempts, token and redirects
+   * included). A cold miss fails within about this long, so that a client can fall back.
+   */
+  deadlineMs?: number
+  /** After the upstream could not be reached, requests to it fail at once for this long (default 0: never). */
+  breakerHoldMs?: number
+  /** How to reach the upstream: directly (default), through one proxy, or by HTTP(S)_PROXY/NO_PROXY rules. */
+  proxy?: UpstreamProxy
+}
+
+export type UpstreamProxy =
+  | { kind: 'url', url: string }
+  | { kind: 'env', httpProxy?: string, httpsProxy?: string, noProxy?: string }
+
+/** A listing answer (referrers or tags), passed on as JSON. */
+export interface ListingResponse {
+  body: Buffer
+  mediaType: string | undefined
+  /** The `Link` header (the next page), when there is one. */
+  link: string | undefined
 }
 
 export interface ManifestResponse { body: Buffer, mediaType: string, digest?: string }
@@ -42,5 +63,16 @@ export interface UpstreamClient {
   getManifest (repo: RepoName, reference: string, o?: AbortOptions): Promise<ManifestResponse | undefined>
   headManifest (repo: RepoName, reference: string, o?: AbortOptions): Promise<ManifestHead | undefined>
   getBlob (repo: RepoName, digest: Digest, o?: AbortOptions & { range?: ByteRange }): Promise<BlobResponse | undefined>
+  /** `HEAD /v2/<repo>/blobs/<digest>`: the size the upstream claims (unverified), or undefined (404). */
+  headBlob (repo: RepoName, digest: Digest, o?: AbortOptions): Promise<{ size: number } | undefined>
+  /**
+   * `GET /v2/<repo>/referrers/<digest>` (OCI 1.1). Undefined when the upstream has no referrers API
+   * (404, 400 or 405, as registries before OCI 1.1 answer). `page` is a `Link` target of a previous answer.
+   */
+  getReferrers (repo: RepoName, digest: Digest, o?: AbortOptions & { page?: string }): Promise<ListingResponse | undefined>
+  /** `GET /v2/<repo>/tags/list?n=&last=`. Undefined when the repository is unknown (404). */
+  listTags (repo: RepoName, o?: AbortOptions & { n?: number, last?: string }): Promise<ListingResponse | undefined>
+  /** False while the circuit breaker fails requests fast (the upstream was unreachable moments ago). */
+  available (): boolean
   close (): Promise<void>
 }

@@ -119,7 +119,7 @@ describe('shared streaming fills', () => {
     await expect.poll(async () => await daemon.store.stat(parseDigest(d))).toBeDefined()
   })
 
-  it('serves a range while the blob is still filling, and HEAD on a miss joins the same fill', async () => {
+  it('serves a range while the blob is still filling (a HEAD on the miss before it downloads nothing)', async () => {
     const data = randomBytes(3 * 1024 * 1024)
     const d = up.addBlob('library/app', data)
     up.setFault({ kind: 'slow', chunkBytes: 256 * 1024, delayMs: 10 })

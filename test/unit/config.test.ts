@@ -18,6 +18,27 @@ describe('config', () => {
     expect(c.mesh.mdns).toBe(true)
     expect(Object.isFrozen(c) && Object.isFrozen(c.upstreams)).toBe(true)
   })
+  it('has fail-fast, drain and proxy defaults, and reads the proxy variables from the environment it is given', () => {
+    const c = buildConfig({}, env)
+    expect(c.upstreamTimeouts).toMatchObject({ deadlineMs: 10_000, breakerHoldMs: 15_000 })
+    expect(c.shutdownGraceMs).toBe(10_000)
+    expect(c.upstreams[0]!.proxy).toBeUndefined()
+    const p = buildConfig({ upstream: ['a.io=https://a.io', 'b.io=https://b.io'], upstreamProxy: ['b.io=socks5://127.0.0.1:1080'] },
+      { ...env, HTTPS_PROXY: 'http://proxy:3128', no_proxy: '.corp' })
+    expect(p.upstreams[0]!.proxy).toEqual({ kind: 'env', httpsProxy: 'http://proxy:3128', noProxy: '.corp' })
+    expect(p.upstreams[1]!.proxy).toEqual({ kind: 'url', url: 'socks5://127.0.0.1:1080' })
+    expect(buildConfig({ upstreamHold: 'off', upstreamDeadline: '3s', shutdownGrace: '0' }, env).upstreamTimeouts).toMatchObject({ deadlineMs: 3000, breakerHoldMs: 0 })
+    expect(settingsFromEnv({ PULLMESH_UPSTREAM_PROXY: 'a.io=http://p:1,b.io=direct' }).upstreamProxy).toEqual(['a.io=http://p:1', 'b.io=direct'])
+  })
+  it('checks the TLS pair: both files or neither, readable, a certificate and its key', () => {
+    expect(() => buildConfig({ tlsCert: '/nonexistent/cert.pem' }, env)).toThrow(/give both/)
+    expect(() => buildConfig({ tlsCert: '/nonexistent/c.pem', tlsKey: '/nonexistent/k.pem' }, env)).toThrow(/cannot read it \(ENOENT\)/)
+    const dir = mkdtempSync(join(tmpdir(), 'pm-cfg-tls-'))
+    writeFileSync(join(dir, 'c.pem'), 'not a certificate')
+    writeFileSync(join(dir, 'k.pem'), 'not a key')
+    expect(() => buildConfig({ tlsCert: join(dir, 'c.pem'), tlsKey: join(dir, 'k.pem') }, env)).toThrow(/not a PEM certificate/)
+    expect(buildConfig({}, env).tls).toBeUndefined()
+  })
   it('uses XDG_DATA_HOME', () => {
     expect(buildConfig({}, { XDG_DATA_HOME: '/x' }).dataDir).toBe('/x/pullmesh')
   })

@@ -25,6 +25,9 @@ describe('parseRegistryPath', () => {
     expect(ociCode(() => parseRegistryPath('/v2/a/blobs/uploads/'))).toBe('405 UNSUPPORTED')
     expect(ociCode(() => parseRegistryPath('/v2/a/blobs/uploads/123'))).toBe('405 UNSUPPORTED')
     expect(ociCode(() => parseRegistryPath('/v2/_catalog'))).toBe('405 UNSUPPORTED')
+    expect(parseRegistryPath('/v2/ghcr.io/org/img/tags/list')).toEqual({ kind: 'tags', name: 'ghcr.io/org/img' })
+    expect(parseRegistryPath('/v2/org/img/referrers/sha256:abc')).toEqual({ kind: 'referrers', name: 'org/img', digest: 'sha256:abc' })
+    expect(parseRegistryPath('/v2/org/referrers/manifests/v1')).toEqual({ kind: 'manifest', name: 'org/referrers', reference: 'v1' })
   })
   it('answers unknown paths with a 404 OCI error', () => {
     expect(ociCode(() => parseRegistryPath('/v2/a/other/x'))).toBe('404 NAME_INVALID')

@@ -1,0 +1,60 @@
+// A client that hangs up while it waits on a cold miss is a client abort: logged as such at info,
+// counted under status 499 (as nginx does), never as a 5xx.
+import { randomBytes } from 'node:crypto'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { request as httpRequest } from 'node:http'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { Writable } from 'node:stream'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { buildConfig } from '../../src/config.js'
+import { createDaemon, type Daemon } from '../../src/daemon.js'
+import { createLogger } from '../../src/logger.js'
+import { startFaultUpstream, type FaultUpstream } from '../helpers/fault-upstream.js'
+
+let up: FaultUpstream
+let daemon: Daemon
+let dir: string
+const lines: Array<Record<string, unknown>> = []
+
+beforeAll(async () => {
+  up = await startFaultUpstream()
+  dir = await mkdtemp(join(tmpdir(), 'pm-abort-'))
+  const sink = new Writable({ write (chunk: Buffer, _e, cb) { for (const l of chunk.toString().split('\n')) if (l !== '') lines.push(JSON.parse(l) as Record<string, unknown>); cb() } })
+  daemon = createDaemon(buildConfig({ listen: '127.0.0.1:0', dataDir: dir, upstream: [`fault.test=${up.url}`], mesh: false, mdns: false, upstreamDeadline: '5s' }, {}), { logger: createLogger('info', sink) })
+  await daemon.start()
+})
+afterAll(async () => {
+  await daemon?.stop()
+  await up?.close()
+  if (dir !== undefined) await rm(dir, { recursive: true, force: true })
+})
+
+/** Sends a GET and hangs up after `ms` without having had an answer. */
+async function hangUpAfter (url: string, ms: number): Promise<void> {
+  await new Promise<void>(resolve => {
+    const req = httpRequest(url, { agent: false }, () => { resolve() })
+    req.on('error', () => { resolve() })
+    req.end()
+    setTimeout(() => { req.destroy(); resolve() }, ms)
+  })
+}
+
+describe('client aborts during a cold wait', () => {
+  it('are logged and counted as client aborts, not as 5xx', async () => {
+    const d = up.addBlob('team/app', randomBytes(1000))
+    up.setFault({ kind: 'hang' }, { path: /\/blobs\//, times: 1 })
+    await hangUpAfter(`${daemon.url()}/v2/fault.test/team/app/blobs/${d}`, 300)
+    up.setFault({ kind: 'hang' }, { path: /\/manifests\//, times: 1 })
+    await hangUpAfter(`${daemon.url()}/v2/fault.test/team/app/manifests/v1`, 300)
+    // The deadline (5 s) passes for the abandoned upstream requests too: nothing is logged as a failed request.
+    await new Promise(resolve => setTimeout(resolve, 5500))
+    const requests = lines.filter(l => l.msg === 'request')
+    expect(requests.map(r => r.statusCode)).toEqual([499, 499])
+    expect(requests.every(r => r.aborted === true && r.level === 30)).toBe(true)
+    expect(lines.filter(l => l.msg === 'request failed')).toEqual([])
+    const metrics = await daemon.metrics.registry.metrics()
+    expect(metrics).toMatch(/pullmesh_http_requests_total\{route="blob",method="GET",status="499"\} 1/)
+    expect(metrics).not.toMatch(/pullmesh_http_requests_total\{[^}]*status="5\d\d"\}/)
+  })
+})
