@@ -114,6 +114,9 @@ export class Fill {
     this.sized.catch(() => {})
   }
 
+  /** `upstream/repo` the fill was started for (its sources fetch through that repo). */
+  get repo (): string | undefined { return this.meta.repo }
+
   /** Resolves with the blob's size once a source has answered with it; rejects if every source failed. */
   whenSized (): Promise<number> { return this.sized }
 

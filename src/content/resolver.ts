@@ -11,7 +11,7 @@ import type { PeerHolder } from '../mesh/types.js'
 import { parseReference, parseRepoName } from '../oci/reference.js'
 import { digestOf, sha256Of, tryParseDigest } from '../oci/digest.js'
 import { INDEX_MEDIA_TYPES, MANIFEST_MEDIA_TYPES, MAX_MANIFEST_BYTES, SINGLE_MANIFEST_MEDIA_TYPES, accepts, sniffManifestMediaType } from '../oci/media-types.js'
-import { NotFoundError, OciError, UpstreamError, UpstreamProtocolError, UpstreamRateLimitedError, UpstreamUnavailableError, VerificationError, blobUnknown, manifestUnknown } from '../errors.js'
+import { NotFoundError, OciError, UpstreamDeniedError, UpstreamError, UpstreamProtocolError, UpstreamRateLimitedError, UpstreamUnavailableError, VerificationError, blobUnknown, manifestUnknown } from '../errors.js'
 import { Fill, type FillSource } from './fill.js'
 
 export interface ResolverInit {
@@ -144,8 +144,8 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
         .finally(() => manifestFlights.delete(key))
       manifestFlights.set(key, flight)
     }
-    const m = await flight
-    signal?.throwIfAborted()
+    // A client that hangs up stops waiting at once; the flight goes on for the others.
+    const m = await raceSignal(flight, signal)
     return negotiate(target, m, accept, signal)
   }
 
@@ -423,6 +423,18 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
       size = await raceSignal(fill.whenSized(), signal)
     } catch (err) {
       if (signal?.aborted === true) throw err
+      // One fill serves a digest whatever repo asked first. If that repo's answer was "not found" or
+      // "denied" (a shared base layer asked through a repo that lacks it, or is private), ours may differ:
+      // ask again through our own repo before giving up.
+      if (fill.repo !== repoKey(target) && (err instanceof NotFoundError || err instanceof UpstreamDeniedError)) {
+        const retry = fills.get(digest) ?? startFill(target, digest)
+        try {
+          size = await raceSignal(retry.whenSized(), signal)
+          return fillHandle(retry, size)
+        } catch (err2) {
+          throw (signal as AbortSignal | undefined)?.aborted === true ? err2 : mapFillError(err2, digest)
+        }
+      }
       throw mapFillError(err, digest)
     }
     return fillHandle(fill, size)
