@@ -95,7 +95,7 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
     // With the upstream unreachable, a tag peers can answer waits about one connect attempt plus a peer timeout.
     outageProbeMs: config.upstreamTimeouts.connectMs + config.mesh.peerTimeoutMs,
   })
-  const listings = createListings({ upstreams, logger, metrics }, { referrersTtlMs: config.tagTtlMs, tagsTtlMs: Math.min(config.tagTtlMs, 30_000) })
+  const listings = createListings({ upstreams, logger, metrics, peerTags: (u, r) => mesh?.repoTags(u, r) ?? [] }, { referrersTtlMs: config.tagTtlMs, tagsTtlMs: Math.min(config.tagTtlMs, 30_000) })
   let ready = false
   const evictor: Evictor = createEvictor({ store, logger, metrics, busy: () => resolver.activeFills() }, {
     maxBytes: config.maxBytes,

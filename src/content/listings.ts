@@ -22,6 +22,8 @@ export interface ListingsInit {
 
 export interface ListingsComponents {
   upstreams: ReadonlyMap<string, UpstreamClient>
+  /** Tags that mesh peers announced for a repo: answers a tag list while the upstream is unreachable. */
+  peerTags?: (upstream: string, repo: string) => string[]
   logger: Logger
   metrics: Metrics
   now?: () => number
@@ -41,6 +43,8 @@ export interface TagsAnswer {
   /** The next page, when the upstream has one: its `n` and `last`. */
   next: { n: string | undefined, last: string | undefined } | undefined
   stale: boolean
+  /** True when the upstream was unreachable and the list is made of the tags mesh peers know. */
+  fromMesh?: boolean
 }
 
 export interface TagsQuery { n?: number, last?: string }
@@ -186,7 +190,21 @@ export function createListings (components: ListingsComponents, init: ListingsIn
     async tags (target: Target, q: TagsQuery): Promise<TagsAnswer> {
       const up = upstreamFor(target)
       const key = `t ${target.upstream}/${target.repo}?n=${q.n ?? ''}&last=${q.last ?? ''}`
-      const { value, stale } = await lookup(key, init.tagsTtlMs, up, { repo: target.repo }, async () => await fetchTags(up, target, q))
+      let found: { value: Cached, stale: boolean }
+      try {
+        found = await lookup(key, init.tagsTtlMs, up, { repo: target.repo }, async () => await fetchTags(up, target, q))
+      } catch (err) {
+        // Unreachable and nothing cached: the tags mesh peers announced, marked as such (x-pullmesh-source: mesh).
+        const known = (err instanceof UpstreamUnavailableError || err instanceof UpstreamRateLimitedError) ? components.peerTags?.(target.upstream, target.repo) ?? [] : []
+        if (known.length === 0) throw err
+        let tags = [...known].sort()
+        if (q.last !== undefined) { const last = q.last; tags = tags.filter(t => t > last) }
+        if (q.n !== undefined) tags = tags.slice(0, q.n)
+        metrics.staleServed.inc({ upstream: up.name })
+        log.warn({ repo: target.repo, upstream: up.name, tags: tags.length, reason: (err as Error).message }, 'upstream failed; answering a tag list from the tags mesh peers know')
+        return { body: Buffer.from(JSON.stringify({ name: target.repo, tags })), next: undefined, stale: true, fromMesh: true }
+      }
+      const { value, stale } = found
       if (value.kind !== 'tags') throw new Error('listing cache holds the wrong kind for a tag list')
       return { body: value.body, next: value.next, stale }
     },

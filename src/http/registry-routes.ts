@@ -62,6 +62,7 @@ export function registerRegistryRoutes (app: FastifyInstance, c: RegistryRoutesC
         void reply.type('application/json').header('content-length', t.body.length)
         if (t.next !== undefined) void reply.header('link', `<${tagsLink(route.name, ns, t.next)}>; rel="next"`)
         if (t.stale) void reply.header('warning', '110 pullmesh "Response is Stale"')
+        if (t.fromMesh === true) void reply.header('x-pullmesh-source', 'mesh')
         return reply.send(head ? undefined : t.body)
       }
 

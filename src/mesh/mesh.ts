@@ -342,6 +342,10 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
       return await stopping
     },
 
+    repoTags (upstream: string, repo: string) {
+      return index.repoTags(upstream, repo, Date.now())
+    },
+
     fillers (digest: Digest) {
       return index.fillers(digest, Date.now())
     },

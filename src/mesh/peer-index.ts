@@ -492,6 +492,21 @@ export class PeerIndex {
     return out
   }
 
+  /** Tag names that connected or recently seen peers announced for upstream/repo (at most `max`). */
+  repoTags (upstream: string, repo: string, now: number, max = 10_000): string[] {
+    const prefix = `${upstream}\u0000${repo}\u0000`
+    const out = new Set<string>()
+    for (const [key, ids] of this.byTag) {
+      if (!key.startsWith(prefix)) continue
+      for (const id of ids) {
+        const slot = this.peers.get(id)?.tags.get(key)
+        if (slot !== undefined && slot.expires > now) { out.add(key.slice(prefix.length)); break }
+      }
+      if (out.size >= max) break
+    }
+    return [...out]
+  }
+
   tagRecords (upstream: string, repo: string, tag: string, now: number): PeerTagRecord[] {
     const key = tagKey(upstream, repo, tag)
     const set = this.byTag.get(key)

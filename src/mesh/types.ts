@@ -41,6 +41,8 @@ export interface Mesh {
   stop (): Promise<void>
   /** Peers that hold `digest`, best first (score, then connected). Reads only the local index: never waits on the network. */
   holders (digest: Digest): PeerHolder[]
+  /** Tags peers announced for upstream/repo; local index only. */
+  repoTags (upstream: string, repo: string): string[]
   /** Connected peers that are filling `digest` now and can stream it; local index only. */
   fillers (digest: Digest): Array<PeerHolder & { size: number }>
   /** Connected peers reachable on the data path (the candidates for fetching on the mesh's behalf). */

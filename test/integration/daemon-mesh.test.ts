@@ -575,6 +575,24 @@ describe('whose word counts for a tag', () => {
     expect(await metric(b, 'pullmesh_stale_tags_served_total')).toBe(0)
   })
 
+  it('with the upstream down, a tag list is answered from the tags mesh peers know, and marked so', async () => {
+    const a = await node()
+    seedImage('library/listed', 'v1', 1, 1000)
+    seedImage('library/listed', 'v2', 1, 1000)
+    for (const t of ['v1', 'v2']) expect((await get(a, `/v2/${UP}/library/listed/manifests/${t}`)).status).toBe(200)
+    const b = await node({ bootstrapFrom: [a] })
+    await until('B to learn both tag records', () => b.mesh()!.tagRecords(UP, 'library/listed', 'v2').length > 0 && b.mesh()!.tagRecords(UP, 'library/listed', 'v1').length > 0)
+    up.setFault({ kind: 'status', status: 503 })
+    const r = await get(b, `/v2/${UP}/library/listed/tags/list`)
+    expect(r.status).toBe(200)
+    expect(r.headers['x-pullmesh-source']).toBe('mesh')
+    expect(JSON.parse(r.body.toString())).toEqual({ name: 'library/listed', tags: ['v1', 'v2'] })
+    const page = await get(b, `/v2/${UP}/library/listed/tags/list?n=1&last=v1`)
+    expect(JSON.parse(page.body.toString()).tags).toEqual(['v2'])
+    // A repo nobody knows still fails as the upstream does.
+    expect((await get(b, `/v2/${UP}/library/unknown/tags/list`)).status).toBe(503)
+  })
+
   it('a black-holed upstream: a tag a peer can answer is answered after one connect attempt and the peer timeout, not every retry', async () => {
     const a = await node()
     const img = seedImage('library/hole', 'v1', 1, 1000)
