@@ -313,6 +313,9 @@ export class Fill {
         void (async () => {
           try {
             for (;;) {
+              // Destroyed while this loop waited (a client that went away before its first chunk): let go
+              // of whatever was taken since, so that no attempt or stored blob stays held open by it.
+              if (this.destroyed) { take(undefined); delegateStream?.destroy(); return }
               if (delegate !== undefined) {
                 const r = await delegate.next()
                 if (r.done === true) { this.push(null); return }
@@ -335,6 +338,7 @@ export class Fill {
                   take(undefined)
                   const s = await fill.store.createReadStream(fill.digest, { start: pos, end: e - 1 })
                   if (s === undefined) throw new Error('blob vanished from the store after its fill')
+                  if (this.destroyed) { s.destroy(); return }
                   delegateStream = s
                   delegate = s[Symbol.asyncIterator]() as AsyncIterator<Buffer>
                   continue
