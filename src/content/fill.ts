@@ -4,7 +4,7 @@ import type { Digest } from '../oci/digest.js'
 import type { ByteRange } from '../oci/range.js'
 import type { BlobInfo, BlobMeta, BlobStore, BlobWriter } from '../store/types.js'
 import { ChunkPool } from '../store/file-stream.js'
-import { NotFoundError, VerificationError } from '../errors.js'
+import { NotFoundError, VerificationError, blobUnknown } from '../errors.js'
 
 /** Bytes a reader takes from the file per read: about 1 MiB, as the NOTES measure. */
 const CHUNK = 1024 * 1024
@@ -337,7 +337,8 @@ export class Fill {
                   // The attempt that succeeded has let go of its file: read the stored blob instead.
                   take(undefined)
                   const s = await fill.store.createReadStream(fill.digest, { start: pos, end: e - 1 })
-                  if (s === undefined) throw new Error('blob vanished from the store after its fill')
+                  // Evicted between the fill's end and this read (a budget under pressure): the client may retry.
+                  if (s === undefined) throw blobUnknown({ digest: fill.digest, reason: 'evicted while being requested; retry' })
                   if (this.destroyed) { s.destroy(); return }
                   delegateStream = s
                   delegate = s[Symbol.asyncIterator]() as AsyncIterator<Buffer>

@@ -257,7 +257,9 @@ export function createResolver (components: ResolverComponents, init: ResolverIn
         }
         if (head.digest === rec!.digest) {
           downUntil.delete(up.name)
+          // The answer is confirmed; failing to note when (a full disk) must not fail the pull.
           await store.putTag(target.upstream, target.repo, tag, { ...rec!, verifiedAt: now() })
+            .catch((err: unknown) => log.warn({ err: (err as { code?: string }).code ?? String(err), repo: target.repo, tag }, 'could not record the tag\'s revalidation; serving it anyway'))
           metrics.cacheLookups.inc({ kind: 'manifest', result: 'hit' })
           return cached
         }

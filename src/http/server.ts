@@ -161,5 +161,10 @@ export function toOciError (err: unknown): OciError {
   if (typeof fe.statusCode === 'number' && fe.statusCode >= 400 && fe.statusCode < 500) {
     return new OciError('UNSUPPORTED', fe.statusCode, fe.message)
   }
+  // The cache's disk is full (or its quota is): say so, so that an operator sees it in the client's error too.
+  const code = (err as { code?: unknown }).code
+  if (code === 'ENOSPC' || code === 'EDQUOT') {
+    return new OciError('UNAVAILABLE', 507, 'the mirror\'s cache disk is full; the content could not be stored', { code })
+  }
   return new OciError('UNAVAILABLE', 500, 'internal error')
 }
