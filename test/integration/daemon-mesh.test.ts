@@ -521,6 +521,43 @@ describe('one upstream fetch per mesh', () => {
     }
   })
 
+  it('a peer that announced a digest and then answers 404 is penalised, and no longer offered as a holder once it keeps doing so', async () => {
+    const { createServer } = await import('node:http')
+    const { createFsStore } = await import('../../src/store/fs-store.js')
+    const { createMesh } = await import('../../src/mesh/index.js')
+    const { createMetrics } = await import('../../src/metrics.js')
+    const blobs = [randomBytes(100_000), randomBytes(100_000), randomBytes(100_000), randomBytes(100_000)]
+    const digests = blobs.map(b => up.addBlob('library/liar404', b))
+    // A real mesh node whose store holds the blobs (so it announces them), with a data path that has none.
+    const liarData = createServer((_req, res) => { res.writeHead(404, { 'content-type': 'application/json' }); res.end('{"errors":[{"code":"BLOB_UNKNOWN","message":"no"}]}') })
+    await new Promise<void>(resolve => liarData.listen(0, '127.0.0.1', resolve))
+    const logger = createLogger('silent')
+    const metrics = createMetrics()
+    const store = createFsStore({ logger, metrics }, { dataDir: await tempDir() })
+    await store.start()
+    for (let i = 0; i < blobs.length; i++) await store.putBuffer(parseDigest(digests[i]!), blobs[i]!, { mediaType: 'application/octet-stream' })
+    const liar = createMesh({ logger, metrics, store }, { dataDir: await tempDir(), listen: ['/ip4/127.0.0.1/tcp/0'], bootstrap: [], mdns: false, dataPort: (liarData.address() as { port: number }).port })
+    await liar.start()
+    try {
+      const b = await node({ bootstrap: [liar.multiaddrs()[0]!] })
+      await until('B to learn what the liar announced', () => digests.every(d => holds(b, d)))
+      const score = (): number => b.mesh()!.status().peers.find(p => p.peerId === liar.peerId())?.score ?? 0
+      up.requests.length = 0
+      for (const d of digests.slice(0, 2)) expect(sha((await get(b, `/v2/${UP}/library/liar404/blobs/${d}`)).body)).toBe(d)
+      expect(score()).toBeLessThan(0)
+      expect(await metric(b, 'pullmesh_mesh_peer_errors_total{reason="missing"}')).toBe(2)
+      // Penalised on each 404 and then, far enough down, no longer offered as a holder at all.
+      for (const d of digests.slice(2)) expect(sha((await get(b, `/v2/${UP}/library/liar404/blobs/${d}`)).body)).toBe(d)
+      expect(b.mesh()!.holders(parseDigest(digests[3]!))).toEqual([])
+      expect(blobGets()).toBe(4)
+    } finally {
+      await liar.stop()
+      await store.stop()
+      liarData.closeAllConnections()
+      await new Promise(resolve => liarData.close(resolve))
+    }
+  })
+
   it('content pulled with credentials is never delegated', async () => {
     const authed = await startFaultUpstream({ auth: { username: 'u', password: 'p' } })
     try {
