@@ -133,7 +133,7 @@ afterAll(async () => {
 })
 
 describe('peers before the upstream', () => {
-  it('B gets every blob from A, with the upstream up and then down; the freshest tag record wins', async () => {
+  it('B gets every blob from A, with the upstream up and then down; a node with no record of its own takes the freshest peer record', async () => {
     const a = await node()
     const img = seedImage('library/app', 'v1', 3, 300_000)
     await pullAll(a, 'library/app', 'v1', img.blobs)
