@@ -126,6 +126,7 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
     if (res.statusCode !== 200 || res.headers['content-type'] !== DELEGATED_CONTENT_TYPE) {
       await res.body.dump().catch(() => {})
       if (res.statusCode === 404) return undefined
+      if (res.statusCode === 429) throw new DelegateRefusedError(`fetcher ${fetcher.peerId} is busy with our other fetches`, 429, 'BUSY')
       throw new PeerProtocolError(`fetcher ${fetcher.peerId} answered ${res.statusCode}`)
     }
     const body = res.body as unknown as Readable

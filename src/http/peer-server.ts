@@ -102,6 +102,7 @@ export function createPeerServer (c: PeerServerComponents, init: PeerServerInit)
   // Delegated fetches: a peer chose this node to fetch content for the mesh. The answer starts at once
   // (so the asker can tell a busy fetcher from a dead one), carries a space every HEARTBEAT_MS while we
   // wait on the upstream, then one JSON line (size, or error), then the bytes. Never forwarded further.
+  const delegatedBy = new Map<string, number>()
   app.get(`${PEER_FETCH_PATH}:kind/:ref`, async (req, reply) => {
     const { kind, ref } = req.params as { kind: string, ref: string }
     const q = req.query as Record<string, string | undefined>
@@ -112,6 +113,17 @@ export function createPeerServer (c: PeerServerComponents, init: PeerServerInit)
     if (kind === 'blob' && digest === undefined) throw new OciError('DIGEST_INVALID', 400, 'invalid digest', { digest: ref.slice(0, 200) })
     const start = parseOpenRange(req.headers.range)
     if (start === null) throw new OciError('UNSUPPORTED', 416, 'only "bytes=N-" ranges are supported here')
+    // A peer may keep only so many fetches running here at once (each can cost this node an upstream
+    // download): the rest are refused at once, and the asker fetches for itself.
+    const who = req.ip
+    const running = delegatedBy.get(who) ?? 0
+    if (running >= MAX_DELEGATED_PER_PEER) throw new OciError('TOOMANYREQUESTS', 429, 'too many delegated fetches from this peer at once')
+    delegatedBy.set(who, running + 1)
+    reply.raw.once('close', () => {
+      const n = (delegatedBy.get(who) ?? 1) - 1
+      if (n <= 0) delegatedBy.delete(who)
+      else delegatedBy.set(who, n)
+    })
     reply.hijack()
     const res = reply.raw
     const ac = new AbortController()
@@ -181,6 +193,9 @@ export function createPeerServer (c: PeerServerComponents, init: PeerServerInit)
   })
   return app
 }
+
+/** Delegated fetches one peer (by address) may have running on this node at once. */
+const MAX_DELEGATED_PER_PEER = 16
 
 /** `bytes=N-` → N; no header → undefined; anything else → null. */
 function parseOpenRange (h: string | undefined): number | undefined | null {

@@ -558,6 +558,25 @@ describe('one upstream fetch per mesh', () => {
     }
   })
 
+  it('a fetcher takes at most 16 delegated fetches from one peer at once; more are refused at once (429)', async () => {
+    const { upstreamId, PEER_FETCH_PATH } = await import('../../src/content/delegation.js')
+    const { request } = await import('undici')
+    const a = await node({ upstreamHeadersTimeout: '30s' })
+    const digests = Array.from({ length: 17 }, () => up.addBlob('library/many', randomBytes(1000)))
+    up.setFault({ kind: 'hang' }, { path: /\/blobs\// })
+    const ac = new AbortController()
+    const url = (d: string): string => `${a.peerUrl()!}${PEER_FETCH_PATH}blob/${d}?u=${upstreamId(up.url)}&r=library/many`
+    try {
+      const held = await Promise.all(digests.slice(0, 16).map(async d => await request(url(d), { signal: ac.signal })))
+      expect(held.map(r => r.statusCode)).toEqual(Array(16).fill(200))
+      const refused = await simpleRequest(url(digests[16]!))
+      expect(refused.status).toBe(429)
+      for (const r of held) r.body.on('error', () => {})
+    } finally {
+      ac.abort()
+    }
+  })
+
   it('content pulled with credentials is never delegated', async () => {
     const authed = await startFaultUpstream({ auth: { username: 'u', password: 'p' } })
     try {
