@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs'
-import { homedir } from 'node:os'
+import { homedir, networkInterfaces } from 'node:os'
 import { isAbsolute, join, resolve } from 'node:path'
 import { createSecureContext } from 'node:tls'
 import { z } from 'zod'
@@ -281,6 +281,16 @@ export function mergeSettings (...layers: RawSettings[]): RawSettings {
   return out as RawSettings
 }
 
+/** True when this host has an IPv6 address peers could reach: not loopback, not link-local (fe80::/10). */
+export function hasRoutableIpv6 (): boolean {
+  for (const list of Object.values(networkInterfaces())) {
+    for (const a of list ?? []) {
+      if (a.family === 'IPv6' && !a.internal && !/^fe[89ab]/i.test(a.address)) return true
+    }
+  }
+  return false
+}
+
 /** Parses `1h`, `5m`, `30s`, `250ms`, `2d`, or a bare number of seconds. */
 export function parseDuration (s: string): number | undefined {
   const m = /^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$/.exec(s.trim())
@@ -322,9 +332,12 @@ function bool (v: boolean | string | undefined, name: string, problems: string[]
  * Validates merged settings into a frozen Config. Every problem is collected and reported at once
  * in one ConfigError. Files named by settings (credentials) are read here.
  */
-export function buildConfig (raw: RawSettings, env: Record<string, string | undefined>, preProblems: string[] = []): Readonly<Config> {
+export function buildConfig (raw: RawSettings, env: Record<string, string | undefined>, preProblems: string[] = [], host: { ipv6?: boolean } = {}): Readonly<Config> {
   const problems = [...preProblems]
-  const s = mergeSettings(DEFAULTS as unknown as RawSettings, raw)
+  // On a dual-stack host the mesh listens on IPv6 too by default (the data path on [::] takes both).
+  const dualStack = host.ipv6 ?? hasRoutableIpv6()
+  const defaults = dualStack ? { ...DEFAULTS, p2pListen: [...DEFAULTS.p2pListen, '/ip6/::/tcp/4001'], peerListen: '[::]:5050' } : DEFAULTS
+  const s = mergeSettings(defaults as unknown as RawSettings, raw)
 
   const listen = parseHostPort(s.listen!)
   if (listen === undefined) problems.push(`listen: expected HOST:PORT, got "${s.listen}"`)

@@ -18,6 +18,17 @@ describe('config', () => {
     expect(c.mesh.mdns).toBe(true)
     expect(Object.isFrozen(c) && Object.isFrozen(c.upstreams)).toBe(true)
   })
+  it('listens for the mesh on IPv6 too by default on a dual-stack host; explicit addresses win', () => {
+    const v4 = buildConfig({}, env, [], { ipv6: false })
+    expect(v4.mesh.p2pListen).toEqual(['/ip4/0.0.0.0/tcp/4001'])
+    expect(v4.mesh.peerListen).toEqual({ host: '0.0.0.0', port: 5050 })
+    const dual = buildConfig({}, env, [], { ipv6: true })
+    expect(dual.mesh.p2pListen).toEqual(['/ip4/0.0.0.0/tcp/4001', '/ip6/::/tcp/4001'])
+    expect(dual.mesh.peerListen).toEqual({ host: '::', port: 5050 })
+    const explicit = buildConfig({ p2pListen: ['/ip4/10.0.0.5/tcp/4001'], peerListen: '10.0.0.5:5050' }, env, [], { ipv6: true })
+    expect(explicit.mesh.p2pListen).toEqual(['/ip4/10.0.0.5/tcp/4001'])
+    expect(explicit.mesh.peerListen).toEqual({ host: '10.0.0.5', port: 5050 })
+  })
   it('has fail-fast, drain and proxy defaults, and reads the proxy variables from the environment it is given', () => {
     const c = buildConfig({}, env)
     expect(c.upstreamTimeouts).toMatchObject({ deadlineMs: 10_000, breakerHoldMs: 15_000 })

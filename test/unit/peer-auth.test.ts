@@ -89,10 +89,12 @@ describe('data-path verifier', () => {
 
 describe('open mesh warning', () => {
   it('warns once for a keyless mesh on all interfaces, and says how to close it', () => {
-    const c = buildConfig({}, env)
+    const c = buildConfig({}, env, [], { ipv6: false })
     const w = openMeshWarning(c.mesh, false)
     expect(w).toContain('/ip4/0.0.0.0/tcp/4001')
     expect(w).toContain('0.0.0.0:5050 (data path)')
+    const dual = openMeshWarning(buildConfig({}, env, [], { ipv6: true }).mesh, false)
+    expect(dual).toContain('/ip6/::/tcp/4001')
     expect(w).toContain('pullmesh keygen FILE')
     expect(w).toContain('--mesh-key FILE')
     expect(openMeshWarning(c.mesh, true)).toBeUndefined()
