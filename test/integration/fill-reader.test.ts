@@ -51,4 +51,25 @@ describe('fill readers', () => {
     expect((await store.stat(digest))?.size).toBe(data.length)
     expect(await store.delete(digest)).toBe(true)
   })
+
+  it('a late reader of a finished fill whose blob was evicted meanwhile gets BLOB_UNKNOWN (a retry), not an internal error', async () => {
+    dir = await mkdtemp(join(tmpdir(), 'pm-fill-reader-'))
+    store = createFsStore({ logger: createLogger('silent'), metrics: createMetrics() }, { dataDir: dir })
+    await store.start()
+    const data = randomBytes(1024 * 1024)
+    const digest = parseDigest(`sha256:${createHash('sha256').update(data).digest('hex')}`)
+    const body = new PassThrough()
+    const fill = new Fill(digest, store, { mediaType: 'application/octet-stream' })
+    const running = fill.run([{ label: 'test', kind: 'upstream', streamable: true, open: async () => ({ body, size: data.length }) }], new AbortController().signal)
+    body.end(data)
+    await running
+    expect(await store.delete(digest)).toBe(true) // evicted between the fill's end and the late reader
+    const err = await new Promise<unknown>((resolve) => {
+      const reader = fill.createReader()
+      reader.on('error', resolve)
+      reader.on('end', () => resolve(undefined))
+      reader.resume()
+    })
+    expect((err as { code?: string, status?: number } | undefined)).toMatchObject({ code: 'BLOB_UNKNOWN', status: 404 })
+  })
 })
