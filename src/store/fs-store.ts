@@ -493,6 +493,7 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
           throw err
         }
         db = level
+        hasher.start()
         flushTimer = setInterval(() => {
           flushTouches().catch(err => log.error({ err }, 'could not persist access times'))
         }, flushMs)

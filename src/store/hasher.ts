@@ -92,6 +92,17 @@ export class FileHasher {
     }
   }
 
+  /**
+   * Starts the thread now, so that the first big fill does not pay for it: constructing a Worker takes
+   * a few ms on the main thread, and booting it took 50–350 ms of a shared core in a fresh daemon,
+   * during which the first fill's hash fell behind and its last byte waited. Harmless to call twice;
+   * if the thread cannot start, open() tries again (and the store hashes in line if that fails too).
+   */
+  start (): void {
+    if (this.worker !== undefined) return
+    try { this.spawn() } catch { /* open() retries */ }
+  }
+
   async stop (): Promise<void> {
     const w = this.worker
     this.worker = undefined
