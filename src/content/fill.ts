@@ -70,6 +70,37 @@ interface Attempt {
   /** Bytes handed to the writer so far: where a resumed transfer continues. */
   accepted: number
   readonly size: number
+  /**
+   * The bytes [memStart, accepted) of a streamed source, as the chunks the source gave: those the file
+   * may not hold yet. A reader at the head takes them from here the moment they arrive, instead of
+   * waiting for the write and then reading them back (two trips through libuv's pool, and a batch
+   * delay, before each byte reached a client). Chunks go as soon as the file holds them, so this
+   * never holds more than the writer itself still does (its window, WINDOW in write-queue.ts).
+   */
+  readonly mem: Buffer[]
+  memStart: number
+}
+
+/** Drops the held chunks the file now holds. */
+function trimMem (a: Attempt): void {
+  const written = a.writer.bytesWritten
+  let i = 0
+  while (i < a.mem.length && a.memStart + a.mem[i]!.length <= written) a.memStart += a.mem[i++]!.length
+  if (i > 0) a.mem.splice(0, i)
+}
+
+/** The held bytes from `pos` (memStart <= pos < accepted) up to `limit`, from one chunk. */
+function memSlice (a: Attempt, pos: number, limit: number): Buffer {
+  let at = a.memStart
+  for (const c of a.mem) {
+    if (pos < at + c.length) {
+      const from = pos - at
+      const to = Math.min(c.length, limit - at)
+      return from === 0 && to === c.length ? c : c.subarray(from, to)
+    }
+    at += c.length
+  }
+  throw new Error(`bytes at ${pos} are neither held nor in the file`)
 }
 
 /** How a copy ended: committed, or failed (and whether the attempt can be continued by another source). */
@@ -195,7 +226,10 @@ export class Fill {
       if (att === undefined) {
         // Readers of a streamed source follow the bytes as they reach the file.
         let created: Attempt | undefined
-        const writer = await this.store.createWriter(this.digest, { expectedSize: size, onProgress: () => { if (created?.streamable === true) this.wake() } })
+        const writer = await this.store.createWriter(this.digest, {
+          expectedSize: size,
+          onProgress: () => { if (created?.streamable === true) { trimMem(created); this.wake() } },
+        })
         let fh: FileHandle
         try {
           fh = await open(writer.tempPath, 'r')
@@ -203,7 +237,7 @@ export class Fill {
           await writer.abort().catch(() => {})
           throw err
         }
-        created = { writer, fh, streamable: src.streamable, refs: 1, ended: false, ending: false, ok: false, closed: false, accepted: 0, size }
+        created = { writer, fh, streamable: src.streamable, refs: 1, ended: false, ending: false, ok: false, closed: false, accepted: 0, size, mem: [], memStart: 0 }
         att = created
         this.current = att
         // A streamed source's size goes out in response headers now; another only once its bytes verified.
@@ -213,7 +247,12 @@ export class Fill {
       const a = att
       let pumped: unknown
       try {
-        await pump(body, a.writer, a.size - a.accepted, n => { a.accepted += n; src.onBytes?.(n) }, src.minRate)
+        await pump(body, a.writer, a.size - a.accepted, chunk => {
+          a.accepted += chunk.length
+          src.onBytes?.(chunk.length)
+          // Readers at the head may send it now (never the last byte before verification, see createReader).
+          if (a.streamable) { a.mem.push(chunk); this.wake() }
+        }, src.minRate)
       } catch (err) {
         pumped = err
       }
@@ -247,6 +286,7 @@ export class Fill {
     att.ending = true
     // The temp file goes first: a reader that fails on this attempt's end finds it gone already.
     if (!att.ok) await att.writer.abort().catch(() => {})
+    att.mem.length = 0
     att.ended = true
     if (this.current === att && !att.ok) this.current = undefined
     this.release(att)
@@ -349,7 +389,18 @@ export class Fill {
                 continue
               }
               const verified = att.ok
-              const available = verified ? e : (att.streamable ? Math.min(att.writer.bytesWritten, e - 1) : pos)
+              // A streamed source's bytes may go out as they arrive; the last one only once the blob verified.
+              const limit = verified ? e : (att.streamable ? Math.min(att.accepted, e - 1) : pos)
+              const inFile = att.writer.bytesWritten
+              if (pos < limit && pos >= inFile && !verified) {
+                // At the head: the bytes are not in the file yet, but held in memory.
+                const chunk = memSlice(att, pos, limit)
+                pos += chunk.length
+                sent += chunk.length
+                if (!this.push(chunk)) return
+                continue
+              }
+              const available = Math.min(limit, inFile)
               if (pos < available) {
                 const n = Math.min(CHUNK, available - pos)
                 // A pooled buffer is never shorter than n: reads only shrink towards the end.
@@ -396,7 +447,7 @@ export class Fill {
  * With `minRate`, a body that delivers less than that over a window is destroyed (TransferTooSlowError);
  * time spent waiting on our own writer does not count against the source.
  */
-async function pump (body: Readable, writer: BlobWriter, limit: number, onBytes: (n: number) => void, minRate?: { bytesPerSec: number, windowMs: number }): Promise<void> {
+async function pump (body: Readable, writer: BlobWriter, limit: number, onChunk: (chunk: Buffer) => void, minRate?: { bytesPerSec: number, windowMs: number }): Promise<void> {
   await new Promise<void>((resolve, reject) => {
     let failed = false
     let total = 0
@@ -422,7 +473,7 @@ async function pump (body: Readable, writer: BlobWriter, limit: number, onBytes:
       // More than the blob's size: the source's fault, not our writer's (which would refuse it too).
       if (total > limit) { body.destroy(new SourceOverrunError(`the source sent more than the ${limit} bytes expected`)); return }
       windowBytes += chunk.length
-      onBytes(chunk.length)
+      onChunk(chunk)
       const p = writer.write(chunk).catch((err: unknown) => { throw new WriteFailedError(err) })
       if (writer.full) {
         body.pause()
