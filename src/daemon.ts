@@ -23,6 +23,7 @@ import { dataPathKey } from './peer-protocol.js'
 import { upstreamId } from './content/delegation.js'
 import { parseDnsName } from './mesh/dns-discovery.js'
 import { encodeMeshKey, loadMeshKey } from './mesh/psk.js'
+import { warmUpHttpClient } from './upstream/warm-up.js'
 
 export interface Daemon {
   readonly config: Readonly<Config>
@@ -176,6 +177,8 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       const { port } = http.server.address() as { port: number }
       const host = config.listen.host.includes(':') ? `[${config.listen.host}]` : config.listen.host
       url = `${config.tls !== undefined ? 'https' : 'http'}://${host}:${port}`
+      // The first upstream fetch of a fresh process would pay undici's first-use cost (see warm-up.ts).
+      await warmUpHttpClient(config.listen.host, port, { tls: config.tls !== undefined })
       ready = true
       state = 'started'
       logger.info({ url, address, dataDir: config.dataDir, upstreams: config.upstreams.map(u => `${u.name}=${u.url}`) }, 'pullmesh listening')
