@@ -169,6 +169,8 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
     async start () {
       if (state !== 'new') return
       state = 'starting'
+      // The first upstream fetch of a fresh process would pay undici's first-use cost (see warm-up.ts).
+      const warming = warmUpHttpClient()
       await store.start()
       resolver.start()
       evictor.start()
@@ -177,8 +179,7 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       const { port } = http.server.address() as { port: number }
       const host = config.listen.host.includes(':') ? `[${config.listen.host}]` : config.listen.host
       url = `${config.tls !== undefined ? 'https' : 'http'}://${host}:${port}`
-      // The first upstream fetch of a fresh process would pay undici's first-use cost (see warm-up.ts).
-      await warmUpHttpClient(config.listen.host, port, { tls: config.tls !== undefined })
+      await warming
       ready = true
       state = 'started'
       logger.info({ url, address, dataDir: config.dataDir, upstreams: config.upstreams.map(u => `${u.name}=${u.url}`) }, 'pullmesh listening')
