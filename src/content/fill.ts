@@ -58,7 +58,8 @@ export type FillState = 'running' | 'done' | 'failed'
 /** One try at one source: its temp file, written by the fill and read (positionally) by readers. */
 interface Attempt {
   readonly writer: BlobWriter
-  readonly fh: FileHandle
+  /** The readers' handle on the temp file (opened alongside the first bytes: readers at the head need none). */
+  readonly fh: Promise<FileHandle>
   readonly streamable: boolean
   refs: number
   ended: boolean
@@ -230,13 +231,9 @@ export class Fill {
           expectedSize: size,
           onProgress: () => { if (created?.streamable === true) { trimMem(created); this.wake() } },
         })
-        let fh: FileHandle
-        try {
-          fh = await open(writer.tempPath, 'r')
-        } catch (err) {
-          await writer.abort().catch(() => {})
-          throw err
-        }
+        const fh = open(writer.tempPath, 'r')
+        // A file we cannot read back fails this attempt as a write would (readers behind see it too).
+        fh.catch((err: unknown) => { body.destroy(new WriteFailedError(err)) })
         created = { writer, fh, streamable: src.streamable, refs: 1, ended: false, ending: false, ok: false, closed: false, accepted: 0, size, mem: [], memStart: 0 }
         att = created
         this.current = att
@@ -308,7 +305,7 @@ export class Fill {
     att.refs--
     if (att.refs === 0 && att.ended) {
       att.closed = true
-      void att.fh.close().catch(() => {})
+      att.fh.then(async fh => { await fh.close() }).catch(() => {})
     }
   }
 
@@ -405,7 +402,7 @@ export class Fill {
                 const n = Math.min(CHUNK, available - pos)
                 // A pooled buffer is never shorter than n: reads only shrink towards the end.
                 const buf = pool.take(Math.min(CHUNK, e - pos))
-                const { bytesRead } = await att.fh.read(buf, 0, n, pos)
+                const { bytesRead } = await (await att.fh).read(buf, 0, n, pos)
                 if (bytesRead === 0) throw new Error('cached file ended early')
                 pos += bytesRead
                 sent += bytesRead
