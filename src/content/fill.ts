@@ -82,11 +82,14 @@ interface Attempt {
   memStart: number
 }
 
-/** Drops the held chunks the file now holds. */
+/**
+ * Drops the held chunks the file now holds, but the blob's last one: readers at the head hold back its
+ * last byte until the blob verifies, and then take it from here rather than from the file.
+ */
 function trimMem (a: Attempt): void {
   const written = a.writer.bytesWritten
   let i = 0
-  while (i < a.mem.length && a.memStart + a.mem[i]!.length <= written) a.memStart += a.mem[i++]!.length
+  while (i < a.mem.length && a.memStart + a.mem[i]!.length <= written && a.memStart + a.mem[i]!.length < a.size) a.memStart += a.mem[i++]!.length
   if (i > 0) a.mem.splice(0, i)
 }
 
@@ -389,15 +392,15 @@ export class Fill {
               // A streamed source's bytes may go out as they arrive; the last one only once the blob verified.
               const limit = verified ? e : (att.streamable ? Math.min(att.accepted, e - 1) : pos)
               const inFile = att.writer.bytesWritten
-              if (pos < limit && pos >= inFile && !verified) {
-                // At the head: the bytes are not in the file yet, but held in memory.
+              if (pos < limit && pos >= att.memStart && att.mem.length > 0) {
+                // At the head: the bytes are held in memory (the file may not have them yet).
                 const chunk = memSlice(att, pos, limit)
                 pos += chunk.length
                 sent += chunk.length
                 if (!this.push(chunk)) return
                 continue
               }
-              const available = Math.min(limit, inFile)
+              const available = Math.min(limit, verified ? e : inFile)
               if (pos < available) {
                 const n = Math.min(CHUNK, available - pos)
                 // A pooled buffer is never shorter than n: reads only shrink towards the end.
