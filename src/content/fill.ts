@@ -72,24 +72,26 @@ interface Attempt {
   accepted: number
   readonly size: number
   /**
-   * The bytes [memStart, accepted) of a streamed source, as the chunks the source gave: those the file
-   * may not hold yet. A reader at the head takes them from here the moment they arrive, instead of
-   * waiting for the write and then reading them back (two trips through libuv's pool, and a batch
-   * delay, before each byte reached a client). Chunks go as soon as the file holds them, so this
-   * never holds more than the writer itself still does (its window, WINDOW in write-queue.ts).
+   * The bytes [memStart, accepted) of a streamed source, as the chunks the source gave: the last ones,
+   * which the file may not hold yet. A reader at the head takes them from here the moment they arrive,
+   * instead of waiting for the write and then reading them back (two trips through libuv's pool, and a
+   * batch delay, before each byte reached a client). Chunks go once the file has held them for CHUNK
+   * bytes, so this holds at most CHUNK more than the writer itself does (its window, WINDOW in
+   * write-queue.ts).
    */
   readonly mem: Buffer[]
   memStart: number
 }
 
 /**
- * Drops the held chunks the file now holds, but the blob's last one: readers at the head hold back its
- * last byte until the blob verifies, and then take it from here rather than from the file.
+ * Drops the held chunks the file has held for a while (readers up to CHUNK behind the writes still take
+ * them from memory), but the blob's last one: readers at the head hold back its last byte until the blob
+ * verifies, and then take it from here rather than from the file.
  */
 function trimMem (a: Attempt): void {
-  const written = a.writer.bytesWritten
+  const keepFrom = a.writer.bytesWritten - CHUNK
   let i = 0
-  while (i < a.mem.length && a.memStart + a.mem[i]!.length <= written && a.memStart + a.mem[i]!.length < a.size) a.memStart += a.mem[i++]!.length
+  while (i < a.mem.length && a.memStart + a.mem[i]!.length <= keepFrom && a.memStart + a.mem[i]!.length < a.size) a.memStart += a.mem[i++]!.length
   if (i > 0) a.mem.splice(0, i)
 }
 
@@ -392,7 +394,9 @@ export class Fill {
               // A streamed source's bytes may go out as they arrive; the last one only once the blob verified.
               const limit = verified ? e : (att.streamable ? Math.min(att.accepted, e - 1) : pos)
               const inFile = att.writer.bytesWritten
-              if (pos < limit && pos >= att.memStart && att.mem.length > 0) {
+              // Not before the first write succeeded: a disk that is full from the start fails the fill
+              // before any client got a byte, so each is told why (507) rather than cut off.
+              if (pos < limit && pos >= att.memStart && att.mem.length > 0 && inFile > 0) {
                 // At the head: the bytes are held in memory (the file may not have them yet).
                 const chunk = memSlice(att, pos, limit)
                 pos += chunk.length
