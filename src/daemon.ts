@@ -23,6 +23,7 @@ import { dataPathKey } from './peer-protocol.js'
 import { upstreamId } from './content/delegation.js'
 import { parseDnsName } from './mesh/dns-discovery.js'
 import { encodeMeshKey, loadMeshKey } from './mesh/psk.js'
+import { warmUpHttpClient } from './upstream/warm-up.js'
 
 export interface Daemon {
   readonly config: Readonly<Config>
@@ -168,6 +169,8 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
     async start () {
       if (state !== 'new') return
       state = 'starting'
+      // The first upstream fetch of a fresh process would pay undici's first-use cost (see warm-up.ts).
+      const warming = warmUpHttpClient()
       await store.start()
       resolver.start()
       evictor.start()
@@ -176,6 +179,7 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       const { port } = http.server.address() as { port: number }
       const host = config.listen.host.includes(':') ? `[${config.listen.host}]` : config.listen.host
       url = `${config.tls !== undefined ? 'https' : 'http'}://${host}:${port}`
+      await warming
       ready = true
       state = 'started'
       logger.info({ url, address, dataDir: config.dataDir, upstreams: config.upstreams.map(u => `${u.name}=${u.url}`) }, 'pullmesh listening')

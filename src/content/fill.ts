@@ -58,7 +58,8 @@ export type FillState = 'running' | 'done' | 'failed'
 /** One try at one source: its temp file, written by the fill and read (positionally) by readers. */
 interface Attempt {
   readonly writer: BlobWriter
-  readonly fh: FileHandle
+  /** The readers' handle on the temp file (opened alongside the first bytes: readers at the head need none). */
+  readonly fh: Promise<FileHandle>
   readonly streamable: boolean
   refs: number
   ended: boolean
@@ -70,6 +71,42 @@ interface Attempt {
   /** Bytes handed to the writer so far: where a resumed transfer continues. */
   accepted: number
   readonly size: number
+  /**
+   * The bytes [memStart, accepted) of a streamed source, as the chunks the source gave: the last ones,
+   * which the file may not hold yet. A reader at the head takes them from here the moment they arrive,
+   * instead of waiting for the write and then reading them back (two trips through libuv's pool, and a
+   * batch delay, before each byte reached a client). Chunks go once the file has held them for CHUNK
+   * bytes, so this holds at most CHUNK more than the writer itself does (its window, WINDOW in
+   * write-queue.ts).
+   */
+  readonly mem: Buffer[]
+  memStart: number
+}
+
+/**
+ * Drops the held chunks the file has held for a while (readers up to CHUNK behind the writes still take
+ * them from memory), but the blob's last one: readers at the head hold back its last byte until the blob
+ * verifies, and then take it from here rather than from the file.
+ */
+function trimMem (a: Attempt): void {
+  const keepFrom = a.writer.bytesWritten - CHUNK
+  let i = 0
+  while (i < a.mem.length && a.memStart + a.mem[i]!.length <= keepFrom && a.memStart + a.mem[i]!.length < a.size) a.memStart += a.mem[i++]!.length
+  if (i > 0) a.mem.splice(0, i)
+}
+
+/** The held bytes from `pos` (memStart <= pos < accepted) up to `limit`, from one chunk. */
+function memSlice (a: Attempt, pos: number, limit: number): Buffer {
+  let at = a.memStart
+  for (const c of a.mem) {
+    if (pos < at + c.length) {
+      const from = pos - at
+      const to = Math.min(c.length, limit - at)
+      return from === 0 && to === c.length ? c : c.subarray(from, to)
+    }
+    at += c.length
+  }
+  throw new Error(`bytes at ${pos} are neither held nor in the file`)
 }
 
 /** How a copy ended: committed, or failed (and whether the attempt can be continued by another source). */
@@ -195,15 +232,14 @@ export class Fill {
       if (att === undefined) {
         // Readers of a streamed source follow the bytes as they reach the file.
         let created: Attempt | undefined
-        const writer = await this.store.createWriter(this.digest, { expectedSize: size, onProgress: () => { if (created?.streamable === true) this.wake() } })
-        let fh: FileHandle
-        try {
-          fh = await open(writer.tempPath, 'r')
-        } catch (err) {
-          await writer.abort().catch(() => {})
-          throw err
-        }
-        created = { writer, fh, streamable: src.streamable, refs: 1, ended: false, ending: false, ok: false, closed: false, accepted: 0, size }
+        const writer = await this.store.createWriter(this.digest, {
+          expectedSize: size,
+          onProgress: () => { if (created?.streamable === true) { trimMem(created); this.wake() } },
+        })
+        const fh = open(writer.tempPath, 'r')
+        // A file we cannot read back fails this attempt as a write would (readers behind see it too).
+        fh.catch((err: unknown) => { body.destroy(new WriteFailedError(err)) })
+        created = { writer, fh, streamable: src.streamable, refs: 1, ended: false, ending: false, ok: false, closed: false, accepted: 0, size, mem: [], memStart: 0 }
         att = created
         this.current = att
         // A streamed source's size goes out in response headers now; another only once its bytes verified.
@@ -213,7 +249,12 @@ export class Fill {
       const a = att
       let pumped: unknown
       try {
-        await pump(body, a.writer, a.size - a.accepted, n => { a.accepted += n; src.onBytes?.(n) }, src.minRate)
+        await pump(body, a.writer, a.size - a.accepted, chunk => {
+          a.accepted += chunk.length
+          src.onBytes?.(chunk.length)
+          // Readers at the head may send it now (never the last byte before verification, see createReader).
+          if (a.streamable) { a.mem.push(chunk); this.wake() }
+        }, src.minRate)
       } catch (err) {
         pumped = err
       }
@@ -247,6 +288,7 @@ export class Fill {
     att.ending = true
     // The temp file goes first: a reader that fails on this attempt's end finds it gone already.
     if (!att.ok) await att.writer.abort().catch(() => {})
+    att.mem.length = 0
     att.ended = true
     if (this.current === att && !att.ok) this.current = undefined
     this.release(att)
@@ -268,7 +310,7 @@ export class Fill {
     att.refs--
     if (att.refs === 0 && att.ended) {
       att.closed = true
-      void att.fh.close().catch(() => {})
+      att.fh.then(async fh => { await fh.close() }).catch(() => {})
     }
   }
 
@@ -349,12 +391,25 @@ export class Fill {
                 continue
               }
               const verified = att.ok
-              const available = verified ? e : (att.streamable ? Math.min(att.writer.bytesWritten, e - 1) : pos)
+              // A streamed source's bytes may go out as they arrive; the last one only once the blob verified.
+              const limit = verified ? e : (att.streamable ? Math.min(att.accepted, e - 1) : pos)
+              const inFile = att.writer.bytesWritten
+              // Not before the first write succeeded: a disk that is full from the start fails the fill
+              // before any client got a byte, so each is told why (507) rather than cut off.
+              if (pos < limit && pos >= att.memStart && att.mem.length > 0 && inFile > 0) {
+                // At the head: the bytes are held in memory (the file may not have them yet).
+                const chunk = memSlice(att, pos, limit)
+                pos += chunk.length
+                sent += chunk.length
+                if (!this.push(chunk)) return
+                continue
+              }
+              const available = Math.min(limit, verified ? e : inFile)
               if (pos < available) {
                 const n = Math.min(CHUNK, available - pos)
                 // A pooled buffer is never shorter than n: reads only shrink towards the end.
                 const buf = pool.take(Math.min(CHUNK, e - pos))
-                const { bytesRead } = await att.fh.read(buf, 0, n, pos)
+                const { bytesRead } = await (await att.fh).read(buf, 0, n, pos)
                 if (bytesRead === 0) throw new Error('cached file ended early')
                 pos += bytesRead
                 sent += bytesRead
@@ -396,7 +451,7 @@ export class Fill {
  * With `minRate`, a body that delivers less than that over a window is destroyed (TransferTooSlowError);
  * time spent waiting on our own writer does not count against the source.
  */
-async function pump (body: Readable, writer: BlobWriter, limit: number, onBytes: (n: number) => void, minRate?: { bytesPerSec: number, windowMs: number }): Promise<void> {
+async function pump (body: Readable, writer: BlobWriter, limit: number, onChunk: (chunk: Buffer) => void, minRate?: { bytesPerSec: number, windowMs: number }): Promise<void> {
   await new Promise<void>((resolve, reject) => {
     let failed = false
     let total = 0
@@ -422,7 +477,7 @@ async function pump (body: Readable, writer: BlobWriter, limit: number, onBytes:
       // More than the blob's size: the source's fault, not our writer's (which would refuse it too).
       if (total > limit) { body.destroy(new SourceOverrunError(`the source sent more than the ${limit} bytes expected`)); return }
       windowBytes += chunk.length
-      onBytes(chunk.length)
+      onChunk(chunk)
       const p = writer.write(chunk).catch((err: unknown) => { throw new WriteFailedError(err) })
       if (writer.full) {
         body.pause()

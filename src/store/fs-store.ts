@@ -479,17 +479,29 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
       if (db !== undefined) return
       if (starting !== undefined) return starting
       starting = (async () => {
-        await mkdir(blobsDir, { recursive: true })
-        await mkdir(tmpDir, { recursive: true })
-        await mkdir(indexDir, { recursive: true })
-        const level: Db = new Level<string, unknown>(indexDir, { valueEncoding: 'json' })
-        await level.open()
+        // The hashing thread boots while the index opens and is reconciled.
+        const booting = hasher.start()
+        let level: Db
+        try {
+          await mkdir(blobsDir, { recursive: true })
+          await mkdir(tmpDir, { recursive: true })
+          await mkdir(indexDir, { recursive: true })
+          level = new Level<string, unknown>(indexDir, { valueEncoding: 'json' })
+          await level.open()
+        } catch (err) {
+          await booting
+          await hasher.stop()
+          throw err
+        }
         try {
           blobs.clear(); dirty.clear(); knownDirs.clear(); totalBytes = 0
           await reconcile(level)
+          await booting
         } catch (err) {
           blobs.clear(); totalBytes = 0
           await level.close().catch(() => undefined)
+          await booting
+          await hasher.stop()
           throw err
         }
         db = level

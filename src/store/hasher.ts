@@ -60,6 +60,7 @@ export class FileHasher {
   private worker: Worker | undefined
   private nextId = 1
   private readonly pending = new Map<number, { resolve: (hex: string) => void, reject: (err: Error) => void }>()
+  private readonly online = new WeakSet<Worker>()
 
   /** A hash of the file at `path` with `algorithm` (a node:crypto name), computed off the main thread. */
   open (path: string, algorithm: string): FileHash {
@@ -92,6 +93,26 @@ export class FileHasher {
     }
   }
 
+  /**
+   * Starts the thread now, so that the first big fill does not pay for it: constructing a Worker takes
+   * a few ms on the main thread, and booting one took 50–350 ms of a shared core in a fresh daemon,
+   * during which the first fill's hash fell behind and its last byte waited. Resolves once the thread
+   * runs (or could not start: open() then tries again, and the store hashes in line if that fails
+   * too), and after `maxWaitMs` at the latest. Harmless to call twice.
+   */
+  async start (maxWaitMs = 2000): Promise<void> {
+    let w: Worker
+    try { w = this.worker ?? this.spawn() } catch { return }
+    if (this.online.has(w)) return
+    let timer: NodeJS.Timeout | undefined
+    await new Promise<void>(resolve => {
+      const done = (): void => { clearTimeout(timer); w.off('online', done); w.off('exit', done); resolve() }
+      timer = setTimeout(done, maxWaitMs)
+      w.once('online', done)
+      w.once('exit', done)
+    })
+  }
+
   async stop (): Promise<void> {
     const w = this.worker
     this.worker = undefined
@@ -102,6 +123,7 @@ export class FileHasher {
   private spawn (): Worker {
     const w = new Worker(WORKER_SOURCE, { eval: true })
     w.unref()
+    w.once('online', () => { this.online.add(w) })
     w.on('message', (m: { id: number, hex?: string, error?: string }) => {
       const p = this.pending.get(m.id)
       if (p === undefined) return

@@ -206,6 +206,8 @@ export interface PullmeshOptions {
   nodeArgs?: string[]
   netns?: string
   logLevel?: string
+  /** Another build's dist/main.js (default DAEMON_ENTRY). */
+  entry?: string
 }
 
 export const UPSTREAM_NAME = 'bench.test'
@@ -213,7 +215,7 @@ export const UPSTREAM_NAME = 'bench.test'
 export async function startPullmesh (o: PullmeshOptions): Promise<Pullmesh> {
   const host = o.host ?? '127.0.0.1'
   const port = o.port ?? await getFreePort()
-  const args = [...(o.nodeArgs ?? []), DAEMON_ENTRY, 'start', '--listen', `${host}:${port}`, '--data-dir', o.dataDir,
+  const args = [...(o.nodeArgs ?? []), o.entry ?? DAEMON_ENTRY, 'start', '--listen', `${host}:${port}`, '--data-dir', o.dataDir,
     '--upstream', `${UPSTREAM_NAME}=${o.upstream}`, ...(o.mesh ?? ['--no-mesh']), '--log-level', o.logLevel ?? 'warn']
   const [cmd, argv] = o.netns !== undefined ? ['ip', ['netns', 'exec', o.netns, process.execPath, ...args]] : [process.execPath, args]
   const t0 = performance.now()
