@@ -13,7 +13,9 @@
 // and 5,000 nodes.
 //
 // Standalone:  node --import tsx test/bench/mesh-scale.ts [--nodes 10,30,100] [--k 500] [--idle 60]
-//              [--churn 60] [--churn-rate 20] [--per-worker 25] [--samples 1000]
+//              [--churn 60] [--churn-rate 20] [--per-worker 25] [--samples 1000] [--converge 120]
+//              [--bootstrap all|3] (every running node, or 3 random ones and peer exchange)
+//              [--log-level debug] (the nodes' logs, to stdout)
 // In the bench: npm run bench -- --only meshscale   (smoke: N=5, a few seconds per window)
 // Results: test/bench/results/mesh-scale.{md,json} (standalone) and the bench's own table.
 // Every worker is stopped by its PID, every temp dir removed, also on failure; every loop is bounded.
@@ -41,15 +43,24 @@ export interface ScaleOptions {
   perWorker: number
   /** Digests sampled for the lookup and findability checks (each node looks up every one not its own). */
   samples: number
+  /**
+   * Bootstrap addresses per node: up to this many random running nodes (peer exchange must find the
+   * rest), or 0 for every running node (what a DNS name listing every peer, e.g. a Kubernetes headless
+   * Service, gives a node).
+   */
+  bootstrapPeers: number
   /** Bound on waiting for the full mesh and every probe after the last start. */
   convergeMs: number
   log: (msg: string) => void
   scratch: string
+  /** The nodes' pino level (their logs go to stdout); silent unless diagnosing. */
+  logLevel?: string
 }
 
 export interface ScaleResult {
   n: number
   k: number
+  bootstrapPeers: number
   workers: number
   load: { before: number[], after: number[] }
   startMs: number
@@ -74,6 +85,8 @@ export interface ScaleResult {
   lookupUs: { p50?: number, p99?: number, max?: number, lookups: number }
   findable: { static: number, afterChurn: number, staleAfterChurn: number, asked: number }
   indexedBlobsPerNode: number
+  /** Gossip messages dropped by all nodes over the whole run, by reason. */
+  gossipDropped: Record<string, number>
 }
 
 export interface Traffic {
@@ -96,8 +109,8 @@ interface Worker {
   exited: () => boolean
 }
 
-async function startWorker (maxLifeMs: number): Promise<Worker> {
-  const child = fork(WORKER, [String(maxLifeMs)], { execArgv: ['--import', 'tsx', '--expose-gc'], serialization: 'advanced', stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+async function startWorker (maxLifeMs: number, logLevel: string): Promise<Worker> {
+  const child = fork(WORKER, [String(maxLifeMs), logLevel], { execArgv: ['--import', 'tsx', '--expose-gc'], serialization: 'advanced', stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
   let exited = false
   const pending = new Map<number, { resolve: (r: Reply) => void, reject: (e: Error) => void, timer: NodeJS.Timeout }>()
   let nextId = 1
@@ -213,7 +226,7 @@ export async function simulate (n: number, o: ScaleOptions): Promise<ScaleResult
   try {
     const w = Math.max(1, Math.ceil(n / o.perWorker))
     const maxLife = deadline - Date.now() + 120_000
-    workers.push(...await Promise.all(Array.from({ length: w }, async () => await startWorker(maxLife))))
+    workers.push(...await Promise.all(Array.from({ length: w }, async () => await startWorker(maxLife, o.logLevel ?? 'silent'))))
     for (let i = 0; i < n; i++) workers[i % w]!.nodes.push(i)
     const byNode = (i: number): Worker => workers[i % w]!
 
@@ -233,7 +246,8 @@ export async function simulate (n: number, o: ScaleOptions): Promise<ScaleResult
       const batch = started === 0 ? [0] : Array.from({ length: Math.min(wave, n - started) }, (_, i) => started + i)
       const replies = await Promise.all(batch.map(async i => {
         const boot = new Set<number>()
-        for (let t = 0; t < 10 && boot.size < Math.min(3, started); t++) boot.add(randomInt(started))
+        if (o.bootstrapPeers === 0) for (let b = 0; b < started; b++) boot.add(b)
+        for (let t = 0; t < 10 * o.bootstrapPeers && boot.size < Math.min(o.bootstrapPeers, started); t++) boot.add(randomInt(started))
         let probe: { digest: Digest, holder: string } | undefined
         if (started > 0) {
           const h = randomInt(started)
@@ -294,11 +308,11 @@ export async function simulate (n: number, o: ScaleOptions): Promise<ScaleResult
     o.log(`    N=${n}: churn ${(churn.bytesPerMinPerNode / 1024).toFixed(1)} KiB/min/node (${churn.addsPerNodePerMin.toFixed(1)} adds + deletes /min/node)`)
     await sleep(Math.min(3_000, o.churnMs / 4))
     const deleted = new Set(churned.flatMap(r => r.deleted).map(d => `${d.node}/${d.j}`))
+    const addedSet = new Set(churned.flatMap(r => r.added).map(d => `${d.node}/${d.j}`))
     const heldNow = (): { node: number, j: number } => {
       for (let t = 0; t < 100; t++) {
         const node = randomInt(n); const j = randomInt(o.k + steps)
-        if (j >= o.k && j - o.k >= steps) continue
-        if (!deleted.has(`${node}/${j}`)) return { node, j }
+        if (j < o.k ? !deleted.has(`${node}/${j}`) : addedSet.has(`${node}/${j}`)) return { node, j }
       }
       return { node: 0, j: o.k - 1 }
     }
@@ -317,7 +331,7 @@ export async function simulate (n: number, o: ScaleOptions): Promise<ScaleResult
     const ttf = finalNodes.filter(x => x.index !== 0).map(x => x.ttfMs).filter((x): x is number => x !== undefined)
     const lat = stat.lat.map(x => x / 1000)
     return {
-      n, k: o.k, workers: w, load: { before: loadBefore, after: loadavg().map(x => Math.round(x * 100) / 100) },
+      n, k: o.k, bootstrapPeers: o.bootstrapPeers, workers: w, load: { before: loadBefore, after: loadavg().map(x => Math.round(x * 100) / 100) },
       startMs, ...(fullMeshMs !== undefined ? { fullMeshMs } : {}), connectedMin: Math.min(...conn), connectedMedian: median(conn),
       memory: {
         rssPerNode: rss / n, meshRssPerNode: meshRss / n, heapPerNode: heap / n, meshHeapPerNode: meshHeap / n,
@@ -329,6 +343,10 @@ export async function simulate (n: number, o: ScaleOptions): Promise<ScaleResult
       lookupUs: { ...optional('p50', percentile(lat, 50)), ...optional('p99', percentile(lat, 99)), ...optional('max', percentile(lat, 100)), lookups: lat.length },
       findable: { static: stat.asked > 0 ? stat.found / stat.asked : 0, afterChurn: after.asked > 0 ? after.found / after.asked : 0, staleAfterChurn: stale.asked > 0 ? stale.found / stale.asked : 0, asked: stat.asked },
       indexedBlobsPerNode: finalNodes.reduce((s, x) => s + x.indexedBlobs, 0) / n,
+      gossipDropped: sumNodes(churnB).reduce<Record<string, number>>((acc, x) => {
+        for (const [k, v] of Object.entries(x.counters.gossipDropped)) acc[k] = (acc[k] ?? 0) + v
+        return acc
+      }, {}),
     }
   } finally {
     await stopWorkers(workers)
@@ -348,11 +366,11 @@ const f1 = (x: number | undefined, d = 1): string => x === undefined ? '—' : x
 
 export function tableMarkdown (rs: ScaleResult[]): string {
   const lines = [
-    '| N | workers | load (1 min) | full mesh after last start | RSS/node (mesh only) | heap/node (mesh only) | index bytes/node | idle KiB/min/node | churn KiB/min/node | time to find p50 / p99 | holders() p50 / p99 | findable (static / after churn) | stale after delete |',
-    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+    '| N | bootstrap | workers | load (1 min) | full mesh after last start | RSS/node (mesh only) | heap/node (mesh only) | index bytes/node | idle KiB/min/node | churn KiB/min/node | time to find p50 / p99 | holders() p50 / p99 | findable (static / after churn) | stale after delete |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
   ]
   for (const r of rs) {
-    lines.push(`| ${r.n} | ${r.workers} | ${r.load.before[0]}→${r.load.after[0]} | ${r.fullMeshMs !== undefined ? `${f1(r.fullMeshMs / 1000)} s` : `no (min ${r.connectedMin} conns)`} | ` +
+    lines.push(`| ${r.n} | ${r.bootstrapPeers === 0 ? 'all' : r.bootstrapPeers} | ${r.workers} | ${r.load.before[0]}→${r.load.after[0]} | ${r.fullMeshMs !== undefined ? `${f1(r.fullMeshMs / 1000)} s` : `no (min ${r.connectedMin} conns)`} | ` +
       `${f1(r.memory.rssPerNode / MiB)} MiB (${f1(r.memory.meshRssPerNode / MiB)}) | ${f1(r.memory.heapPerNode / MiB)} MiB (${f1(r.memory.meshHeapPerNode / MiB)}) | ${f1(r.memory.indexBytesPerNode / MiB, 2)} MiB | ` +
       `${f1(r.idle.bytesPerMinPerNode / KiB)} | ${f1(r.churn.bytesPerMinPerNode / KiB)} (${f1(r.churn.addsPerNodePerMin, 0)} adds+deletes/min) | ` +
       `${f1(r.ttfMs.p50, 0)} / ${f1(r.ttfMs.p99, 0)} ms (${r.ttfMs.found}/${r.ttfMs.probes}) | ${f1(r.lookupUs.p50, 1)} / ${f1(r.lookupUs.p99, 1)} µs | ` +
@@ -401,7 +419,7 @@ export async function runScale (o: ScaleOptions): Promise<{ results: ScaleResult
   const results: ScaleResult[] = []
   const failures: string[] = []
   for (const n of o.nodes) {
-    o.log(`  mesh scale N=${n} (K=${o.k}, ${o.perWorker} nodes per worker, load ${loadavg().map(x => x.toFixed(2)).join(' ')})`)
+    o.log(`  mesh scale N=${n} (K=${o.k}, bootstrap ${o.bootstrapPeers === 0 ? 'all' : o.bootstrapPeers}, ${o.perWorker} nodes per worker, load ${loadavg().map(x => x.toFixed(2)).join(' ')})`)
     try {
       results.push(await simulate(n, o))
     } catch (err) {
@@ -422,8 +440,8 @@ const TARGETS: Array<[string, number, string, Target]> = [
 /** Scenario 10 in `npm run bench`: smoke N=5 with short windows; full 10,30,100 with 60 s windows. */
 export async function meshScale (ctx: { smoke: boolean, scratch: string, log: (m: string) => void }): Promise<Row[]> {
   const o: ScaleOptions = ctx.smoke
-    ? { nodes: [5], k: 100, idleMs: 3_000, churnMs: 3_000, churnPerMin: 60, perWorker: 5, samples: 100, convergeMs: 15_000, log: ctx.log, scratch: ctx.scratch }
-    : { nodes: [10, 30, 100], k: 500, idleMs: 60_000, churnMs: 60_000, churnPerMin: 20, perWorker: 25, samples: 1000, convergeMs: 120_000, log: ctx.log, scratch: ctx.scratch }
+    ? { nodes: [5], k: 100, idleMs: 3_000, churnMs: 3_000, churnPerMin: 60, perWorker: 5, samples: 100, bootstrapPeers: 1, convergeMs: 15_000, log: ctx.log, scratch: ctx.scratch }
+    : { nodes: [10, 30, 100], k: 500, idleMs: 60_000, churnMs: 60_000, churnPerMin: 20, perWorker: 25, samples: 1000, bootstrapPeers: 0, convergeMs: 120_000, log: ctx.log, scratch: ctx.scratch }
   const { results, failures } = await runScale(o)
   if (results.length === 0) throw new Error(`mesh scale: no run completed: ${failures.join('; ')}`)
   ctx.log('\n' + tableMarkdown(results))
@@ -464,7 +482,7 @@ async function main (): Promise<number> {
   const scratch = await mkdtemp(join(tmpdir(), 'pullmesh-scale-'))
   const o: ScaleOptions = {
     nodes, k: num('--k', 500), idleMs: num('--idle', 60) * 1000, churnMs: num('--churn', 60) * 1000, churnPerMin: num('--churn-rate', 20),
-    perWorker: num('--per-worker', 25), samples: num('--samples', 1000), convergeMs: num('--converge', 120) * 1000, log, scratch,
+    perWorker: num('--per-worker', 25), bootstrapPeers: flag('--bootstrap', 'all') === 'all' ? 0 : num('--bootstrap', 3), samples: num('--samples', 1000), convergeMs: num('--converge', 120) * 1000, log, scratch, logLevel: flag('--log-level', 'silent'),
   }
   let code = 0
   try {

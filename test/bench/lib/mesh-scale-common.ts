@@ -37,6 +37,8 @@ export interface NodeSnapshot {
     indexMaxBytes: number
     indexEvicted: number
     indexRefused: number
+    /** Gossip messages we dropped, by reason (rate limits, not connected, replays ...). */
+    gossipDropped: Record<string, number>
   }
   /** ms from just before mesh.start() to the first holder of the probe digest (undefined: not yet). */
   ttfMs?: number

@@ -22,7 +22,8 @@ const MAX_LIFE_MS = Number(process.argv[2] ?? 30 * 60_000)
 
 interface SimNode { index: number, dir: string, store: BlobStore, mesh?: MeshNode, startedAt?: number, ttfMs?: number, probeTimer?: NodeJS.Timeout, churnStep: number }
 
-const logger = createLogger('silent')
+/** pino level for the nodes' logs (stdout), for diagnosing a run; silent by default. */
+const logger = createLogger((process.argv[3] ?? 'silent') as 'silent')
 const nodes = new Map<number, SimNode>()
 let run = ''
 let k = 0
@@ -113,6 +114,7 @@ function snapshotNode (n: SimNode): NodeSnapshot | undefined {
       inventoryFetches: c.inventoryFetches, inventoryFull: c.inventoryFull, inventoryDelta: c.inventoryDelta, inventoryUnchanged: c.inventoryUnchanged,
       inventoryFailures: c.inventoryFailures, inventoryEntriesSent: c.inventoryEntriesSent, inventoryEntriesReceived: c.inventoryEntriesReceived,
       indexBytes: c.indexBytes, indexMaxBytes: c.indexMaxBytes, indexEvicted: c.indexEvicted, indexRefused: c.indexRefused,
+      gossipDropped: { ...c.gossipDropped },
     },
     ...(n.ttfMs !== undefined ? { ttfMs: n.ttfMs } : {}),
     indexedBlobs: st.peers.reduce((s, p) => s + p.blobs, 0),
@@ -145,25 +147,32 @@ function lookup (r: Extract<Request, { op: 'lookup' }>): Reply {
   return { op: 'lookup', latenciesNs: Float64Array.from(lat), asked, found, anyHolder }
 }
 
-/** `adds` steps, `periodMs` apart: every node adds one new blob and deletes its oldest original one. */
+/**
+ * `adds` steps, `periodMs` apart: every node adds one new blob and deletes its oldest original one.
+ * Nodes churn side by side; a step that falls behind is skipped, and no step starts after the window.
+ */
 async function churn (r: Extract<Request, { op: 'churn' }>): Promise<Reply> {
   const added: Array<{ node: number, j: number }> = []
   const deleted: Array<{ node: number, j: number }> = []
   const list = [...nodes.values()].filter(n => n.mesh !== undefined)
   const t0 = Date.now()
-  for (let step = 0; step < r.adds; step++) {
-    const due = t0 + step * r.periodMs
-    if (due > Date.now()) await new Promise(resolve => setTimeout(resolve, due - Date.now()))
-    for (const n of list) {
+  const end = t0 + r.adds * r.periodMs
+  await Promise.all(list.map(async (n, x) => {
+    const offset = Math.floor((x / list.length) * r.periodMs)
+    for (let step = 0; step < r.adds; step++) {
+      const due = t0 + offset + step * r.periodMs
+      if (due >= end) break
+      const wait = due - Date.now()
+      if (wait < -r.periodMs) continue // fell behind: skip a step rather than pile up
+      if (wait > 0) await new Promise(resolve => setTimeout(resolve, wait))
       const s = n.churnStep++
-      if (s >= k) continue
+      if (s >= k) break
       const b = simBlob(run, n.index, k + s)
       await n.store.putBuffer(b.digest, b.bytes, { mediaType: SIM_MEDIA_TYPE })
       added.push({ node: n.index, j: k + s })
       if (await n.store.delete(simBlob(run, n.index, s).digest)) deleted.push({ node: n.index, j: s })
     }
-  }
-  const end = t0 + r.adds * r.periodMs
+  }))
   if (end > Date.now()) await new Promise(resolve => setTimeout(resolve, end - Date.now()))
   return { op: 'churn', added, deleted }
 }
