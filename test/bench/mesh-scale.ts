@@ -15,12 +15,14 @@
 // Standalone:  node --import tsx test/bench/mesh-scale.ts [--nodes 10,30,100] [--k 500] [--idle 60]
 //              [--churn 60] [--churn-rate 20] [--per-worker 25] [--samples 1000] [--converge 120]
 //              [--bootstrap all|3] (every running node, or 3 random ones and peer exchange)
+//              [--one-ip] (every dial from 127.0.0.1, as libp2p's per-host inbound limit sees it)
 //              [--log-level debug] (the nodes' logs, to stdout)
 // In the bench: npm run bench -- --only meshscale   (smoke: N=5, a few seconds per window)
 // Results: test/bench/results/mesh-scale.{md,json} (standalone) and the bench's own table.
 // Every worker is stopped by its PID, every temp dir removed, also on failure; every loop is bounded.
 import { fork, type ChildProcess } from 'node:child_process'
 import { randomBytes, randomInt } from 'node:crypto'
+import { rmSync } from 'node:fs'
 import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { loadavg, tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -53,6 +55,12 @@ export interface ScaleOptions {
   convergeMs: number
   log: (msg: string) => void
   scratch: string
+  /**
+   * Each outgoing connection binds its own random 127.x.y.z source, as if every node were its own host
+   * (see the worker). Off: every dial comes from 127.0.0.1 and libp2p's per-host inbound limit (5/s)
+   * refuses most of them once N reaches a few dozen.
+   */
+  distinctIps: boolean
   /** The nodes' pino level (their logs go to stdout); silent unless diagnosing. */
   logLevel?: string
 }
@@ -61,6 +69,7 @@ export interface ScaleResult {
   n: number
   k: number
   bootstrapPeers: number
+  distinctIps: boolean
   workers: number
   load: { before: number[], after: number[] }
   startMs: number
@@ -109,8 +118,8 @@ interface Worker {
   exited: () => boolean
 }
 
-async function startWorker (maxLifeMs: number, logLevel: string): Promise<Worker> {
-  const child = fork(WORKER, [String(maxLifeMs), logLevel], { execArgv: ['--import', 'tsx', '--expose-gc'], serialization: 'advanced', stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
+async function startWorker (maxLifeMs: number, logLevel: string, distinctIps: boolean): Promise<Worker> {
+  const child = fork(WORKER, [String(maxLifeMs), logLevel, distinctIps ? 'distinct-ips' : 'one-ip'], { execArgv: ['--import', 'tsx', '--expose-gc'], serialization: 'advanced', stdio: ['ignore', 'inherit', 'inherit', 'ipc'] })
   let exited = false
   const pending = new Map<number, { resolve: (r: Reply) => void, reject: (e: Error) => void, timer: NodeJS.Timeout }>()
   let nextId = 1
@@ -226,7 +235,7 @@ export async function simulate (n: number, o: ScaleOptions): Promise<ScaleResult
   try {
     const w = Math.max(1, Math.ceil(n / o.perWorker))
     const maxLife = deadline - Date.now() + 120_000
-    workers.push(...await Promise.all(Array.from({ length: w }, async () => await startWorker(maxLife, o.logLevel ?? 'silent'))))
+    workers.push(...await Promise.all(Array.from({ length: w }, async () => await startWorker(maxLife, o.logLevel ?? 'silent', o.distinctIps))))
     for (let i = 0; i < n; i++) workers[i % w]!.nodes.push(i)
     const byNode = (i: number): Worker => workers[i % w]!
 
@@ -331,7 +340,7 @@ export async function simulate (n: number, o: ScaleOptions): Promise<ScaleResult
     const ttf = finalNodes.filter(x => x.index !== 0).map(x => x.ttfMs).filter((x): x is number => x !== undefined)
     const lat = stat.lat.map(x => x / 1000)
     return {
-      n, k: o.k, bootstrapPeers: o.bootstrapPeers, workers: w, load: { before: loadBefore, after: loadavg().map(x => Math.round(x * 100) / 100) },
+      n, k: o.k, bootstrapPeers: o.bootstrapPeers, distinctIps: o.distinctIps, workers: w, load: { before: loadBefore, after: loadavg().map(x => Math.round(x * 100) / 100) },
       startMs, ...(fullMeshMs !== undefined ? { fullMeshMs } : {}), connectedMin: Math.min(...conn), connectedMedian: median(conn),
       memory: {
         rssPerNode: rss / n, meshRssPerNode: meshRss / n, heapPerNode: heap / n, meshHeapPerNode: meshHeap / n,
@@ -370,7 +379,7 @@ export function tableMarkdown (rs: ScaleResult[]): string {
     '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
   ]
   for (const r of rs) {
-    lines.push(`| ${r.n} | ${r.bootstrapPeers === 0 ? 'all' : r.bootstrapPeers} | ${r.workers} | ${r.load.before[0]}→${r.load.after[0]} | ${r.fullMeshMs !== undefined ? `${f1(r.fullMeshMs / 1000)} s` : `no (min ${r.connectedMin} conns)`} | ` +
+    lines.push(`| ${r.n} | ${r.bootstrapPeers === 0 ? 'all' : r.bootstrapPeers}${r.distinctIps ? '' : ', one IP'} | ${r.workers} | ${r.load.before[0]}→${r.load.after[0]} | ${r.fullMeshMs !== undefined ? `${f1(r.fullMeshMs / 1000)} s` : `no (min ${r.connectedMin} conns)`} | ` +
       `${f1(r.memory.rssPerNode / MiB)} MiB (${f1(r.memory.meshRssPerNode / MiB)}) | ${f1(r.memory.heapPerNode / MiB)} MiB (${f1(r.memory.meshHeapPerNode / MiB)}) | ${f1(r.memory.indexBytesPerNode / MiB, 2)} MiB | ` +
       `${f1(r.idle.bytesPerMinPerNode / KiB)} | ${f1(r.churn.bytesPerMinPerNode / KiB)} (${f1(r.churn.addsPerNodePerMin, 0)} adds+deletes/min) | ` +
       `${f1(r.ttfMs.p50, 0)} / ${f1(r.ttfMs.p99, 0)} ms (${r.ttfMs.found}/${r.ttfMs.probes}) | ${f1(r.lookupUs.p50, 1)} / ${f1(r.lookupUs.p99, 1)} µs | ` +
@@ -440,8 +449,8 @@ const TARGETS: Array<[string, number, string, Target]> = [
 /** Scenario 10 in `npm run bench`: smoke N=5 with short windows; full 10,30,100 with 60 s windows. */
 export async function meshScale (ctx: { smoke: boolean, scratch: string, log: (m: string) => void }): Promise<Row[]> {
   const o: ScaleOptions = ctx.smoke
-    ? { nodes: [5], k: 100, idleMs: 3_000, churnMs: 3_000, churnPerMin: 60, perWorker: 5, samples: 100, bootstrapPeers: 1, convergeMs: 15_000, log: ctx.log, scratch: ctx.scratch }
-    : { nodes: [10, 30, 100], k: 500, idleMs: 60_000, churnMs: 60_000, churnPerMin: 20, perWorker: 25, samples: 1000, bootstrapPeers: 0, convergeMs: 120_000, log: ctx.log, scratch: ctx.scratch }
+    ? { nodes: [5], k: 100, idleMs: 3_000, churnMs: 3_000, churnPerMin: 60, perWorker: 5, samples: 100, bootstrapPeers: 1, distinctIps: true, convergeMs: 15_000, log: ctx.log, scratch: ctx.scratch }
+    : { nodes: [10, 30, 100], k: 500, idleMs: 60_000, churnMs: 60_000, churnPerMin: 20, perWorker: 25, samples: 1000, bootstrapPeers: 0, distinctIps: true, convergeMs: 120_000, log: ctx.log, scratch: ctx.scratch }
   const { results, failures } = await runScale(o)
   if (results.length === 0) throw new Error(`mesh scale: no run completed: ${failures.join('; ')}`)
   ctx.log('\n' + tableMarkdown(results))
@@ -480,9 +489,14 @@ async function main (): Promise<number> {
   const nodes = flag('--nodes', '10,30,100').split(',').map(Number)
   if (nodes.some(x => !Number.isInteger(x) || x < 2 || x > 1000)) throw new Error('--nodes: integers 2 to 1000')
   const scratch = await mkdtemp(join(tmpdir(), 'pullmesh-scale-'))
+  // Interrupted: the workers see the IPC channel close, stop their nodes and remove their directories.
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+    process.once(sig, () => { log(`${sig}: exiting; workers clean up after themselves`); setTimeout(() => { rmSync(scratch, { recursive: true, force: true }); process.exit(130) }, 5_000).unref() })
+  }
   const o: ScaleOptions = {
     nodes, k: num('--k', 500), idleMs: num('--idle', 60) * 1000, churnMs: num('--churn', 60) * 1000, churnPerMin: num('--churn-rate', 20),
-    perWorker: num('--per-worker', 25), bootstrapPeers: flag('--bootstrap', 'all') === 'all' ? 0 : num('--bootstrap', 3), samples: num('--samples', 1000), convergeMs: num('--converge', 120) * 1000, log, scratch, logLevel: flag('--log-level', 'silent'),
+    perWorker: num('--per-worker', 25), bootstrapPeers: flag('--bootstrap', 'all') === 'all' ? 0 : num('--bootstrap', 3),
+    distinctIps: !argv.includes('--one-ip'), samples: num('--samples', 1000), convergeMs: num('--converge', 120) * 1000, log, scratch, logLevel: flag('--log-level', 'silent'),
   }
   let code = 0
   try {

@@ -8,7 +8,8 @@ import '../../../src/polyfills.js'
 import { subscribe } from 'node:diagnostics_channel'
 import { mkdir, rm } from 'node:fs/promises'
 import { join } from 'node:path'
-import type { Socket } from 'node:net'
+import { Socket } from 'node:net'
+import { randomInt } from 'node:crypto'
 import { createLogger } from '../../../src/logger.js'
 import { createMetrics } from '../../../src/metrics.js'
 import { createFsStore } from '../../../src/store/fs-store.js'
@@ -27,6 +28,28 @@ const logger = createLogger((process.argv[3] ?? 'silent') as 'silent')
 const nodes = new Map<number, SimNode>()
 let run = ''
 let k = 0
+
+// ---- distinct source addresses ------------------------------------------------------------
+
+/**
+ * On one machine every node's outgoing connections come from 127.0.0.1, and libp2p accepts at most
+ * 5 inbound connections per second from one host (connectionManager.inboundConnectionThreshold), so a
+ * loopback mesh of dozens of nodes refuses most of its own dials, which a LAN of separate hosts never
+ * does. With `distinct-ips`, each outgoing loopback connection binds a random source in 127.0.0.0/8
+ * (every such address is local on Linux), so that each dial looks like it comes from its own host.
+ * This changes only Node's socket, not our code or libp2p's.
+ */
+if (process.argv[4] === 'distinct-ips') {
+  const connect = Socket.prototype.connect as (...args: unknown[]) => Socket
+  Socket.prototype.connect = function (this: Socket, ...args: unknown[]): Socket {
+    const first = args[0]
+    const opts = (Array.isArray(first) ? first[0] : first) as { host?: string, localAddress?: string, path?: string } | undefined
+    if (opts !== null && typeof opts === 'object' && opts.path === undefined && opts.localAddress === undefined && typeof opts.host === 'string' && opts.host.startsWith('127.')) {
+      opts.localAddress = `127.${1 + randomInt(254)}.${randomInt(256)}.${1 + randomInt(254)}`
+    }
+    return connect.apply(this, args)
+  } as typeof Socket.prototype.connect
+}
 
 // ---- socket bytes ------------------------------------------------------------------------
 
