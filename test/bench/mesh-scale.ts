@@ -10,7 +10,9 @@
 //   - time from a node's mesh.start() to the first holder of a digest another running node holds;
 //   - mesh.holders() latency p50/p99 (a local index lookup) and the fraction of held content findable.
 // Then fits per-node memory and bytes/min against N (linear and power law) and extrapolates to 1,000
-// and 5,000 nodes.
+// and 5,000 nodes. The fit is only as good as the runs it is given: check "full mesh" in the table first
+// (on a loaded 2-core machine a 100-node mesh did not finish forming; its row then describes a partial
+// mesh, and the fit over it is meaningless: fit the runs whose mesh formed).
 //
 // Standalone:  node --import tsx test/bench/mesh-scale.ts [--nodes 10,30,100] [--k 500] [--idle 60]
 //              [--churn 60] [--churn-rate 20] [--per-worker 25] [--samples 1000] [--converge 120]
