@@ -4,7 +4,7 @@
 //
 //   --runs N           runs per scenario (default 3; smoke 1)
 //   --only a,b         scenarios: blob (1+2), herd (3), small (4), skopeo (5), mesh (6), memory (7+8),
-//                      meshherd (9)
+//                      meshherd (9), meshscale (10: many in-process mesh nodes; see mesh-scale.ts)
 //   --mesh-nodes N     nodes in the mesh herd, 3 to 8 (default 3)
 //   --keep-going       (default) a failed scenario is reported and the others still run
 //
@@ -21,6 +21,7 @@ import { seedBlob } from './lib/seed.js'
 import { blobColdWarm, herd, memoryAndStartup, skopeoPulls, smallRequests, type Ctx, type Sizes } from './scenarios.js'
 import { mesh, meshCleanup } from './mesh.js'
 import { meshHerd } from './mesh-herd.js'
+import { meshScale } from './mesh-scale.js'
 
 const argv = process.argv.slice(2)
 const flag = (name: string): string | undefined => {
@@ -31,7 +32,7 @@ const flag = (name: string): string | undefined => {
 }
 const smoke = argv.includes('--smoke') || process.env.BENCH_SMOKE === '1'
 const runs = Number(flag('--runs') ?? (smoke ? 1 : 3))
-const ALL = ['blob', 'herd', 'small', 'skopeo', 'memory', 'mesh', 'meshherd'] as const
+const ALL = ['blob', 'herd', 'small', 'skopeo', 'memory', 'mesh', 'meshherd', 'meshscale'] as const
 const only = new Set((flag('--only') ?? ALL.join(',')).split(',').map(s => s.trim()))
 for (const s of only) if (!(ALL as readonly string[]).includes(s)) { console.error(`unknown scenario ${s}; one of ${ALL.join(', ')}`); process.exit(2) }
 
@@ -87,6 +88,7 @@ async function main (): Promise<number> {
     ['skopeo', '5 skopeo copy', skopeoPulls],
     ['mesh', '6 mesh', mesh],
     ['meshherd', '9 mesh herd', meshHerd],
+    ['meshscale', '10 mesh scale', meshScale],
     ['memory', '7+8 memory / start-up', memoryAndStartup],
   ]
   const rows: Row[] = []
