@@ -9,6 +9,7 @@
 // every mDNS response itself (it runs the mDNS service rather than handing it to libp2p) and keeps its
 // own table of peers to redial. libp2p's KEEP_ALIVE reconnect queue is not used: it gives up after five
 // attempts and then drops the tag, so a 20 s partition would be enough to lose a peer for good.
+import { setMaxListeners } from 'node:events'
 import { mdns } from '@libp2p/mdns'
 import { peerIdFromString } from '@libp2p/peer-id'
 import { multiaddr, type Multiaddr } from '@multiformats/multiaddr'
@@ -441,6 +442,8 @@ export function createMembership (components: MembershipComponents, init: Member
       if (started) return
       started = true
       stopCtl = new AbortController()
+    // Every dial of this component listens on it: dozens at once in a large mesh is expected, not a leak.
+    setMaxListeners(Infinity, stopCtl.signal)
       node.addEventListener('peer:connect', onPeerConnect)
       node.addEventListener('peer:disconnect', onPeerDisconnect)
       node.addEventListener('connection:open', onConnectionOpen)

@@ -2,6 +2,7 @@
 // and learns what peers hold (announce.ts + inventory.ts: a request/response on connect). This file
 // wires them to libp2p and keeps the connections. Bytes move elsewhere (HTTP).
 import '../polyfills.js'
+import { setMaxListeners } from 'node:events'
 import { createLibp2p, type Libp2p } from 'libp2p'
 import { tcp } from '@libp2p/tcp'
 import { noise } from '@chainsafe/libp2p-noise'
@@ -204,6 +205,8 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
 
   async function doStart (): Promise<void> {
     stopCtl = new AbortController()
+    // Every dial of this component listens on it: dozens at once in a large mesh is expected, not a leak.
+    setMaxListeners(Infinity, stopCtl.signal)
     const { key, created } = await loadOrCreatePeerKey(init.dataDir)
     const epoch = await nextEpoch(init.dataDir)
     holdings = new LocalHoldings()
