@@ -227,19 +227,14 @@ export type MembershipNode = Pick<Libp2p, 'peerId' | 'logger' | 'getConnections'
 
 export interface MembershipComponents { logger: Logger, node: MembershipNode }
 
-export interface MembershipInit {
+/** The redial table's tuning (see RedialTableInit), plus discovery and dialing. */
+export interface MembershipInit extends Omit<RedialTableInit, 'self' | 'random'> {
   /** Multiaddrs ending in /p2p/<id>: dialed at start, and redialed with backoff whenever disconnected. */
   bootstrap: string[]
   mdns: boolean
   /** mDNS service tag and query interval. */
   mdnsServiceTag?: string
   mdnsIntervalMs?: number
-  policy?: BackoffPolicy
-  maxPeers?: number
-  forgetAfterMs?: number
-  tieDelayMs?: number
-  sightingGapMs?: number
-  maxSightingShortcuts?: number
   /** Dials in flight at once (default 4). */
   maxParallelDials?: number
   /** Per dial (default 10 s). */
