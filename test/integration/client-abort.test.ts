@@ -21,7 +21,7 @@ beforeAll(async () => {
   up = await startFaultUpstream()
   dir = await mkdtemp(join(tmpdir(), 'pm-abort-'))
   const sink = new Writable({ write (chunk: Buffer, _e, cb) { for (const l of chunk.toString().split('\n')) if (l !== '') lines.push(JSON.parse(l) as Record<string, unknown>); cb() } })
-  daemon = createDaemon(buildConfig({ listen: '127.0.0.1:0', dataDir: dir, upstream: [`fault.test=${up.url}`], mesh: false, mdns: false, upstreamDeadline: '5s' }, {}), { logger: createLogger('info', sink) })
+  daemon = createDaemon(buildConfig({ listen: '127.0.0.1:0', dataDir: dir, upstream: [`fault.test=${up.url}`], mesh: false, mdns: false, upstreamDeadline: '5s', upstreamHold: '1s' }, {}), { logger: createLogger('info', sink) })
   await daemon.start()
 })
 afterAll(async () => {
@@ -56,5 +56,41 @@ describe('client aborts during a cold wait', () => {
     const metrics = await daemon.metrics.registry.metrics()
     expect(metrics).toMatch(/pullmesh_http_requests_total\{route="blob",method="GET",status="499"\} 1/)
     expect(metrics).not.toMatch(/pullmesh_http_requests_total\{[^}]*status="5\d\d"\}/)
+  })
+
+  it('a client that hung up during a manifest wait costs no more upstream requests once the flight ends', async () => {
+    // An index whose tag answer is slow (about 1 s); a client that takes only single manifests would get the
+    // linux/amd64 manifest picked from it. It hangs up at 300 ms: once the index arrives, nothing more is fetched
+    // for it (before the fix, its handler went on waiting and then fetched the platform manifest for nobody).
+    const config = up.addBlob('team/multi', Buffer.from('{"architecture":"amd64","os":"linux"}'))
+    const platform = up.addManifest('team/multi', undefined, {
+      schemaVersion: 2,
+      mediaType: 'application/vnd.oci.image.manifest.v1+json',
+      config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: config, size: 37 },
+      layers: []
+    }, 'application/vnd.oci.image.manifest.v1+json')
+    const index = {
+      schemaVersion: 2,
+      mediaType: 'application/vnd.oci.image.index.v1+json',
+      manifests: [{ mediaType: 'application/vnd.oci.image.manifest.v1+json', digest: platform, size: 1, platform: { os: 'linux', architecture: 'amd64' } }]
+    }
+    up.addManifest('team/multi', 'v1', index, 'application/vnd.oci.image.index.v1+json')
+    up.setFault({ kind: 'slow', chunkBytes: 32, delayMs: 100 }, { path: /\/manifests\/v1$/, times: 1 })
+    // The test before left the upstream's breaker open for its hold (1 s here).
+    await new Promise(resolve => setTimeout(resolve, 1500))
+    up.requests.length = 0
+    await new Promise<void>(resolve => {
+      const req = httpRequest(`${daemon.url()}/v2/fault.test/team/multi/manifests/v1`, { agent: false, headers: { accept: 'application/vnd.oci.image.manifest.v1+json' } }, () => { resolve() })
+      req.on('error', () => { resolve() })
+      req.end()
+      setTimeout(() => { req.destroy(); resolve() }, 300)
+    })
+    const indexDone = Date.now() + 15_000
+    while (!up.requests.some(r => r.path.endsWith('/manifests/v1')) && Date.now() < indexDone) await new Promise(resolve => setTimeout(resolve, 50))
+    // The slow index takes ~1.2 s; give the old behaviour ample time to show.
+    await new Promise(resolve => setTimeout(resolve, 2500))
+    const paths = up.requests.map(r => `${r.method} ${r.path}`)
+    expect(paths).toContain('GET /v2/team/multi/manifests/v1')
+    expect(paths.filter(p => p.includes(platform))).toEqual([])
   })
 })
