@@ -13,6 +13,7 @@ import { basename, dirname, join } from 'node:path'
 import { buildConfig, mergeSettings, settingsFromEnv, settingsFromFile, type Config, type HostPort, type RawSettings, type UpstreamConfig } from '../config.js'
 import { ConfigError } from '../errors.js'
 import type { CliIo } from './index.js'
+import { findRunningContainerds, runningContainerdConfig } from './containerd-running.js'
 
 export const DEFAULT_DOCKER_FILE = '/etc/docker/daemon.json'
 export const DEFAULT_CONTAINERD_DIR = '/etc/containerd/certs.d'
@@ -150,6 +151,12 @@ export function checkContainerdConfig (text: string, dir: string): ContainerdCon
     advice.push('  use_local_image_pull = true')
   }
   return { version, ...(configPath !== undefined ? { configPath } : {}), ok, advice }
+}
+
+/** True when a containerd config (a file or `config dump`) disables the CRI plugin, the only reader of config_path. */
+export function criDisabled (text: string): boolean {
+  const m = /^\s*disabled_plugins\s*=\s*\[([^\]]*)\]/m.exec(text)
+  return m !== null && /"io\.containerd\.(grpc\.v1\.cri|cri\.v1\.images)"/.test(m[1]!)
 }
 
 /** The certs.d directory containerd looks up for an upstream: the registry host as written in image names. */
@@ -410,7 +417,7 @@ export function registerConfigure (program: Command, io: CliIo, setExit: (code: 
   commonOptions(configure.command('containerd'))
     .description('write a hosts.toml per upstream under containerd\'s certs.d (or _default when no upstream is named)')
     .option('--dir <path>', 'containerd\'s config_path', DEFAULT_CONTAINERD_DIR)
-    .option('--containerd-config <file>', 'containerd\'s config.toml, checked for config_path', DEFAULT_CONTAINERD_CONFIG)
+    .option('--containerd-config <file>', 'containerd\'s config.toml, checked for config_path (default: the config of each running containerd, else this file)', DEFAULT_CONTAINERD_CONFIG)
     .action(run(async (cmd, r) => {
       const o = cmd.opts<{ dir: string, containerdConfig: string, dryRun?: boolean }>()
       const files: Array<{ path: string, text: string }> = []
@@ -430,6 +437,32 @@ export function registerConfigure (program: Command, io: CliIo, setExit: (code: 
       } else {
         const t = now()
         for (const f of files) out(describeOutcome(await installFile(f.path, f.text, t)) + '\n')
+      }
+      // The running containerd's own config, when one runs here and no file was named: that is what it uses.
+      const running = cmd.getOptionValueSource('containerdConfig') === 'cli' ? [] : await findRunningContainerds()
+      if (running.length > 0) {
+        for (const c of running) {
+          const rc = await runningContainerdConfig(c)
+          const what = `the running containerd (pid ${c.pid}, --config ${c.configFile})`
+          if (rc.text === undefined) {
+            warn(`${what}: its config file could not be read to check it; set config_path = ${tomlString(o.dir)} in it.`)
+            continue
+          }
+          const restart = rc.changedSinceStart ? ` ${c.configFile} changed after containerd started: restart containerd once to apply it.` : ''
+          const checked = rc.source === 'dump' ? 'checked with containerd config dump' : 'checked in the file'
+          if (criDisabled(rc.text)) {
+            // config_path is the CRI plugin's setting: without CRI, only clients that read certs.d themselves pull through us.
+            out(`${what}: its CRI plugin is disabled, and config_path matters only to CRI (Kubernetes); ctr takes --hosts-dir ${o.dir}, nerdctl reads ${o.dir === DEFAULT_CONTAINERD_DIR ? 'it' : '/etc/containerd/certs.d'} by default.${restart}\n`)
+            continue
+          }
+          const ch = checkContainerdConfig(rc.text, o.dir)
+          if (ch.ok && !rc.changedSinceStart) out(`${what} reads hosts.toml from ${o.dir} (${checked}).\n`)
+          else if (ch.ok) warn(`${what}: ${c.configFile} sets config_path = ${tomlString(o.dir)}, but${restart}`)
+          else warn(`${what} will not use these files yet (config version ${ch.version}, ${checked}).${restart}`)
+          for (const a of ch.ok ? ch.advice.filter(l => !l.startsWith('and restart')) : ch.advice) out(a + '\n')
+        }
+        out(`ctr: ctr images pull --hosts-dir ${o.dir} ...\n`)
+        return
       }
       let text: string | undefined
       try { text = await readFile(o.containerdConfig, 'utf8') } catch { text = undefined }

@@ -5,7 +5,7 @@
 // fails, so every test asserts from the daemon's request log that the mirror served the image
 // and from the registry's access log that the client never reached the upstream itself.
 // (Docker is never reconfigured on this machine; its daemon.json merge is unit-tested.)
-import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
+import { appendFile, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -146,6 +146,44 @@ describe('e2e: pullmesh configure, checked with the real clients', () => {
     const { up, reqs } = await since(m)
     expectMirrorServed(reqs, images.ctrDefault, `library/${REPO.ctrDefault}`, { ns: r.host })
     expectNoClientAtUpstream(up)
+  }, 120_000)
+
+  it('containerd: checks the config each running containerd started with, and says when it must restart', async () => {
+    const d = must(daemon, 'daemon')
+    const c = must(ctrd, 'containerd')
+    const dir = join(work, 'certs.d-running')
+    const cfg = join(c.dir, 'config.toml')
+    const section = `\n[plugins."io.containerd.grpc.v1.cri".registry]\n  config_path = "${dir}"\n`
+    // No --containerd-config: the config of each running containerd is checked (found by its command line).
+    // The suite's containerd runs without CRI, the only reader of config_path.
+    const first = await configure(['containerd', '--dir', dir, '--mirror', d.url])
+    expect(first.stdout + first.stderr).toContain(`the running containerd (pid ${c.pid}, --config ${cfg}): its CRI plugin is disabled, and config_path matters only to CRI`)
+
+    // A containerd with CRI whose config lacks config_path: told so, from `containerd config dump`.
+    const bare = await startContainerd({ cri: true })
+    // The operator then edits its file as advised, but does not restart it.
+    const ready = await startContainerd({ cri: true, extraConfig: section })
+    try {
+      const bareCfg = join(bare.dir, 'config.toml')
+      const readyCfg = join(ready.dir, 'config.toml')
+      const second = await configure(['containerd', '--dir', dir, '--mirror', d.url])
+      const secondOut = second.stdout + second.stderr
+      expect(secondOut).toContain(`the running containerd (pid ${bare.pid}, --config ${bareCfg}) will not use these files yet (config version 2, checked with containerd config dump).`)
+      expect(secondOut).toContain(`config_path = "${dir}"`)
+      expect(secondOut).toContain(`the running containerd (pid ${ready.pid}, --config ${readyCfg}) reads hosts.toml from ${dir} (checked with containerd config dump).`)
+
+      await appendFile(bareCfg, section)
+      const third = await configure(['containerd', '--dir', dir, '--mirror', d.url])
+      expect(third.stdout + third.stderr).toContain(`the running containerd (pid ${bare.pid}, --config ${bareCfg}): ${bareCfg} sets config_path = "${dir}", but ${bareCfg} changed after containerd started: restart containerd once to apply it.`)
+
+      // Naming a file checks that file only, as before.
+      const named = await configure(['containerd', '--dir', dir, '--mirror', d.url, '--containerd-config', readyCfg])
+      expect(named.stdout + named.stderr).not.toContain('the running containerd')
+      expect(named.stdout).toContain(`(version 2) already reads hosts.toml from ${dir}`)
+    } finally {
+      await ready.stop()
+      await bare.stop()
+    }
   }, 120_000)
 
   it('podman: the registries.conf drop-in makes podman pull through the mirror (default upstream, bare mirror path)', async () => {

@@ -82,7 +82,14 @@ async function sha256File (path: string): Promise<string> {
  * A containerd 1.6 config with root, state and sockets in a new temp dir (under `parentDir`), CRI and
  * the snapshotters and tracing this machine lacks turned off. Shared by the root-namespace and netns helpers.
  */
-export async function writeContainerdConfig (prefix: string, parentDir?: string): Promise<{ dir: string, root: string, state: string, socket: string, configFile: string }> {
+export interface ContainerdConfigOptions {
+  /** Run the CRI plugin (off by default: the tests pull with ctr, which does not use it). */
+  cri?: boolean
+  /** TOML appended to the generated config (sections not already in it). */
+  extraConfig?: string
+}
+
+export async function writeContainerdConfig (prefix: string, parentDir?: string, o: ContainerdConfigOptions = {}): Promise<{ dir: string, root: string, state: string, socket: string, configFile: string }> {
   const dir = await mkdtemp(join(parentDir ?? tmpdir(), prefix))
   const root = join(dir, 'root')
   const state = join(dir, 'state')
@@ -93,11 +100,14 @@ export async function writeContainerdConfig (prefix: string, parentDir?: string)
     'version = 2',
     `root = "${root}"`,
     `state = "${state}"`,
-    'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs", ' +
+    `disabled_plugins = [${o.cri === true ? '' : '"io.containerd.grpc.v1.cri", '}"io.containerd.snapshotter.v1.btrfs", ` +
       '"io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs", ' +
       '"io.containerd.internal.v1.tracing", "io.containerd.tracing.processor.v1.otlp"]',
     '', '[grpc]', `  address = "${socket}"`, '', '[ttrpc]', `  address = "${socket}.ttrpc"`, '',
     '[debug]', '  address = ""', '', '[metrics]', '  address = ""', '',
+    // The CRI plugin's streaming server stays on loopback, on a port of its own choosing.
+    ...(o.cri === true ? ['[plugins."io.containerd.grpc.v1.cri"]', '  disable_tcp_service = true', '  stream_server_address = "127.0.0.1"', '  stream_server_port = "0"', ''] : []),
+    o.extraConfig ?? '',
   ].join('\n')
   const configFile = join(dir, 'config.toml')
   await writeFile(configFile, config)
@@ -117,8 +127,8 @@ export async function verifyContentDir (contentDir: string): Promise<string[]> {
   return names.map(n => 'sha256:' + n)
 }
 
-export async function startContainerd (): Promise<Containerd> {
-  const { dir, root, socket, configFile } = await writeContainerdConfig('pullmesh-ctrd-')
+export async function startContainerd (o: ContainerdConfigOptions = {}): Promise<Containerd> {
+  const { dir, root, socket, configFile } = await writeContainerdConfig('pullmesh-ctrd-', undefined, o)
 
   const logChunks: string[] = []
   const child: ChildProcess = spawn('containerd', ['--config', configFile, '--log-level', 'warn'], {

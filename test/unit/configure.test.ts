@@ -7,10 +7,11 @@ import { Writable } from 'node:stream'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import { runCli } from '../../src/cli/index.js'
 import {
-  backupStamp, checkContainerdConfig, ConfigureError, containerdHostsToml, installFile, mergeDockerDaemonJson, mirrorFromListen, parseMirror,
+  backupStamp, checkContainerdConfig, ConfigureError, criDisabled, containerdHostsToml, installFile, mergeDockerDaemonJson, mirrorFromListen, parseMirror,
   podmanRegistriesConf,
 } from '../../src/cli/configure.js'
 import type { UpstreamConfig } from '../../src/config.js'
+import { containerdConfigFromArgs, processStartMs } from '../../src/cli/containerd-running.js'
 
 function sink (): { stream: Writable, text: () => string } {
   const chunks: string[] = []
@@ -286,5 +287,26 @@ describe('configure: files', () => {
     expect(r.code).toBe(1)
     expect(r.err).toContain('pullmesh configure:')
     expect(await readdir(dir)).toEqual(['not-a-dir'])
+  })
+})
+
+describe('the running containerd', () => {
+  it('takes its config file from the command line, in each spelling, or the default', () => {
+    expect(containerdConfigFromArgs(['containerd', '--config', '/a.toml', '--log-level', 'warn'])).toBe('/a.toml')
+    expect(containerdConfigFromArgs(['/usr/bin/containerd', '-c', 'rel.toml'])).toBe('rel.toml')
+    expect(containerdConfigFromArgs(['containerd', '--config=/b.toml'])).toBe('/b.toml')
+    expect(containerdConfigFromArgs(['containerd', '--log-level', 'debug'])).toBe('/etc/containerd/config.toml')
+    expect(containerdConfigFromArgs(['containerd', '--config'])).toBe('/etc/containerd/config.toml')
+  })
+  it('reads the start time from /proc/PID/stat, whatever the command name holds', () => {
+    const rest = 'S 1 1 1 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 12 0 12345 1000 10'
+    expect(processStartMs(`77 (contai) nerd) ${rest}`, 1_000_000)).toBe(1_000_000_000 + 123_450)
+    expect(processStartMs('garbage', 1)).toBeUndefined()
+  })
+  it('sees a disabled CRI plugin in either config version', () => {
+    expect(criDisabled('version = 2\ndisabled_plugins = ["io.containerd.grpc.v1.cri"]\n')).toBe(true)
+    expect(criDisabled('version = 3\ndisabled_plugins = ["io.containerd.cri.v1.images", "x"]\n')).toBe(true)
+    expect(criDisabled('version = 2\ndisabled_plugins = []\n[plugins."io.containerd.grpc.v1.cri".registry]\n')).toBe(false)
+    expect(criDisabled('version = 2\n')).toBe(false)
   })
 })
