@@ -526,7 +526,8 @@ export function createFsStore (components: FsStoreComponents, init: FsStoreInit)
         await hasher.stop()
         const level = db
         try {
-          await flushTouches()
+          // Last-access times only order eviction: on a full disk they are lost, and the store still closes.
+          await flushTouches().catch((err: unknown) => { log.warn({ err: (err as { code?: string }).code ?? String(err) }, 'could not record last-access times at stop') })
         } finally {
           db = undefined
           blobs.clear(); dirty.clear(); totalBytes = 0

@@ -11,6 +11,7 @@ import { buildConfig } from '../../src/config.js'
 import { createDaemon, type Daemon } from '../../src/daemon.js'
 import { createLogger } from '../../src/logger.js'
 import { MediaType } from '../../src/oci/media-types.js'
+import { parseDigest } from '../../src/oci/digest.js'
 import { requireRoot, run } from '../helpers/exec.js'
 import { startFaultUpstream, type FaultUpstream } from '../helpers/fault-upstream.js'
 import { simpleRequest } from '../helpers/net.js'
@@ -66,6 +67,8 @@ describe('a full cache disk', () => {
     const cfgD = up.addBlob('library/app', cfg)
     const m = up.addManifest('library/app', 'v1', { schemaVersion: 2, mediaType: MediaType.ociManifest, config: { mediaType: 'application/vnd.oci.image.config.v1+json', digest: cfgD, size: cfg.length }, layers: [] }, MediaType.ociManifest)
     expect((await simpleRequest(`${d.url()}/v2/full.test/library/app/manifests/v1`)).headers['docker-content-digest']).toBe(m)
+    expect((await simpleRequest(`${d.url()}/v2/full.test/library/app/blobs/${cfgD}`)).status).toBe(200)
+    await expect.poll(async () => await d.store.stat(parseDigest(cfgD))).toBeDefined()
     await fillDisk(join(mnt, 'filler'))
 
     // The tag is past its TTL (0 s): each GET revalidates it with a HEAD, which confirms it, and records when.
@@ -89,5 +92,21 @@ describe('a full cache disk', () => {
     expect(miss.status).toBe(507)
     expect(miss.body.toString()).toContain('disk is full')
     expect(await readdir(join(mnt, 'data', 'tmp')).catch(() => [])).toEqual([])
+
+    // The daemon stops cleanly on the full disk (LevelDB has refused writes by now), and once space is freed
+    // a new daemon on the same data dir serves what was cached, with the upstream down.
+    await d.stop()
+    await rm(join(mnt, 'filler'))
+    daemon = createDaemon(buildConfig({
+      listen: '127.0.0.1:0', dataDir: join(mnt, 'data'), mesh: false, upstream: [`full.test=${up.url}`], upstreamRetries: '1',
+    }, {}), { logger: createLogger('silent') })
+    await daemon.start()
+    up.setFault({ kind: 'status', status: 503 })
+    const byDigest = await simpleRequest(`${daemon.url()}/v2/full.test/library/app/manifests/${m}`)
+    expect(byDigest.status).toBe(200)
+    expect(byDigest.headers['docker-content-digest']).toBe(m)
+    const config = await simpleRequest(`${daemon.url()}/v2/full.test/library/app/blobs/${cfgD}`)
+    expect(config.status).toBe(200)
+    expect(config.body.equals(cfg)).toBe(true)
   })
 })
