@@ -1,34 +1,26 @@
 // A client that hangs up while it waits on a cold miss is a client abort: logged as such at info,
 // counted under status 499 (as nginx does), never as a 5xx.
 import { randomBytes } from 'node:crypto'
-import { mkdtemp, rm } from 'node:fs/promises'
 import { request as httpRequest } from 'node:http'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import { Writable } from 'node:stream'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { buildConfig } from '../../src/config.js'
-import { createDaemon, type Daemon } from '../../src/daemon.js'
+import type { Daemon } from '../../src/daemon.js'
 import { createLogger } from '../../src/logger.js'
-import { startFaultUpstream, type FaultUpstream } from '../helpers/fault-upstream.js'
+import type { FaultUpstream } from '../helpers/fault-upstream.js'
+import { startFaultDaemon, type FaultDaemon } from '../helpers/fault-daemon.js'
 
+let f: FaultDaemon | undefined
 let up: FaultUpstream
 let daemon: Daemon
-let dir: string
 const lines: Array<Record<string, unknown>> = []
 
 beforeAll(async () => {
-  up = await startFaultUpstream()
-  dir = await mkdtemp(join(tmpdir(), 'pm-abort-'))
   const sink = new Writable({ write (chunk: Buffer, _e, cb) { for (const l of chunk.toString().split('\n')) if (l !== '') lines.push(JSON.parse(l) as Record<string, unknown>); cb() } })
-  daemon = createDaemon(buildConfig({ listen: '127.0.0.1:0', dataDir: dir, upstream: [`fault.test=${up.url}`], mesh: false, mdns: false, upstreamDeadline: '5s', upstreamHold: '1s' }, {}), { logger: createLogger('info', sink) })
-  await daemon.start()
+  f = await startFaultDaemon({ dirPrefix: 'pm-abort-', settings: { upstreamDeadline: '5s', upstreamHold: '1s' }, logger: createLogger('info', sink) })
+  up = f.up
+  daemon = f.daemon
 })
-afterAll(async () => {
-  await daemon?.stop()
-  await up?.close()
-  if (dir !== undefined) await rm(dir, { recursive: true, force: true })
-})
+afterAll(async () => { await f?.close() })
 
 /** Sends a GET and hangs up after `ms` without having had an answer. */
 async function hangUpAfter (url: string, ms: number): Promise<void> {

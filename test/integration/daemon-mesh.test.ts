@@ -2,12 +2,11 @@
 // by peers before the upstream; lying, stalled and killed peers cost time, never correctness; the mesh
 // key keeps strangers out; tags survive an upstream outage through the mesh.
 import { createHash, randomBytes } from 'node:crypto'
-import { mkdtemp, readdir, rm, stat, truncate, open } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
+import { readdir, stat, truncate, open } from 'node:fs/promises'
 import { join } from 'node:path'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
-import { buildConfig, type RawSettings } from '../../src/config.js'
-import { createDaemon, type Daemon } from '../../src/daemon.js'
+import type { RawSettings } from '../../src/config.js'
+import type { Daemon } from '../../src/daemon.js'
 import { createLogger } from '../../src/logger.js'
 import { parseDigest, digestHex } from '../../src/oci/digest.js'
 import { MediaType } from '../../src/oci/media-types.js'
@@ -17,52 +16,20 @@ import { parseMeshKey } from '../../src/mesh/psk.js'
 import { startFaultUpstream, type FaultUpstream } from '../helpers/fault-upstream.js'
 import { simpleRequest } from '../helpers/net.js'
 import { startDaemon as spawnDaemon, type DaemonProcess } from '../helpers/daemon-process.js'
+import { loopbackMesh, until } from '../helpers/loopback-mesh.js'
 
 const sha = (b: Buffer): string => `sha256:${createHash('sha256').update(b).digest('hex')}`
 const UP = 'mesh.test'
 
 let up: FaultUpstream
-const dirs: string[] = []
-const nodes: Daemon[] = []
 const procs: DaemonProcess[] = []
-
-async function tempDir (): Promise<string> {
-  const d = await mkdtemp(join(tmpdir(), 'pm-mesh-'))
-  dirs.push(d)
-  return d
-}
-
-async function node (settings: RawSettings & { bootstrapFrom?: Daemon[] } = {}): Promise<Daemon> {
-  const { bootstrapFrom, ...rest } = settings
-  const config = buildConfig({
-    listen: '127.0.0.1:0',
-    dataDir: await tempDir(),
-    upstream: [`${UP}=${up.url}`],
-    mdns: false,
-    p2pListen: ['/ip4/127.0.0.1/tcp/0'],
-    peerListen: '127.0.0.1:0',
-    bootstrap: (bootstrapFrom ?? []).flatMap(n => n.mesh()!.multiaddrs().slice(0, 1)),
-    peerTimeout: '300ms',
-    tagTtl: '0s',
-    upstreamRetries: '1',
-    upstreamConnectTimeout: '1s',
-    upstreamHeadersTimeout: '1s',
-    ...rest,
-  }, {})
-  const d = createDaemon(config, { logger: createLogger('silent') })
-  await d.start()
-  nodes.push(d)
-  return d
-}
-
-async function until (what: string, cond: () => boolean | Promise<boolean>, timeoutMs = 15_000): Promise<number> {
-  const t0 = Date.now()
-  while (!(await cond())) {
-    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out waiting for ${what}`)
-    await new Promise(resolve => setTimeout(resolve, 20))
-  }
-  return Date.now() - t0
-}
+const mesh = loopbackMesh({
+  upstreamName: UP,
+  upstreamUrl: () => up.url,
+  dirPrefix: 'pm-mesh-',
+  settings: { peerTimeout: '300ms', tagTtl: '0s', upstreamConnectTimeout: '1s', upstreamHeadersTimeout: '1s' },
+})
+const { node, tempDir } = mesh
 
 const holds = (n: Daemon, d: string): boolean => n.mesh()!.holders(parseDigest(d)).length > 0
 const blobGets = (): number => up.requests.filter(r => r.method === 'GET' && r.path.includes('/blobs/')).length
@@ -123,13 +90,13 @@ function blobFile (n: Daemon, digest: string): string {
 beforeAll(async () => { up = await startFaultUpstream() })
 afterEach(async () => {
   for (const p of procs.splice(0)) if (!p.exited()) await p.kill()
-  await Promise.allSettled(nodes.splice(0).reverse().map(async n => await n.stop()))
+  await mesh.stopNodes()
   up.setFault(undefined)
   up.requests.length = 0
 })
 afterAll(async () => {
   await up.close()
-  await Promise.all(dirs.map(async d => await rm(d, { recursive: true, force: true })))
+  await mesh.close()
 })
 
 describe('peers before the upstream', () => {
@@ -437,7 +404,7 @@ describe('one upstream fetch per mesh', () => {
       for (const b of img.blobs) expect(getsOf(`/blobs/${b.digest}`), `gap ${gap}: upstream GETs of ${b.digest}`).toBe(1)
       // Without a mesh key no peer may tell a node what a tag means while the upstream is up.
       expect(getsOf(`/library/stagger${gap}/manifests/v1`)).toBe(3)
-      await Promise.allSettled(nodes.splice(0).reverse().map(async n => await n.stop()))
+      await mesh.stopNodes()
     }
   })
 

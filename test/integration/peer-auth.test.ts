@@ -3,66 +3,26 @@
 // that differ only in line endings make one mesh; a key mismatch is logged as such; sha512 blobs move
 // between peers; requests that trickle in are cut off on the peer port and on the client API.
 import { createHash, randomBytes } from 'node:crypto'
-import { mkdtemp, rm, writeFile, readFile } from 'node:fs/promises'
+import { writeFile, readFile } from 'node:fs/promises'
 import { connect } from 'node:net'
-import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
-import { buildConfig, type RawSettings } from '../../src/config.js'
-import { createDaemon, type Daemon } from '../../src/daemon.js'
-import { createLogger } from '../../src/logger.js'
+import { buildConfig } from '../../src/config.js'
+import type { Daemon } from '../../src/daemon.js'
 import { parseDigest } from '../../src/oci/digest.js'
 import { generateMeshKey } from '../../src/mesh/index.js'
 import { parseMeshKey } from '../../src/mesh/psk.js'
 import { AUTH_ERROR_HEADER, AUTH_HEADER, PEER_BLOB_PATH, dataPathKey, signRequest } from '../../src/peer-protocol.js'
 import { startFaultUpstream, type FaultUpstream } from '../helpers/fault-upstream.js'
 import { simpleRequest } from '../helpers/net.js'
+import { loopbackMesh, until, type LogLine } from '../helpers/loopback-mesh.js'
 
 const sha256 = (b: Buffer): string => `sha256:${createHash('sha256').update(b).digest('hex')}`
 const UP = 'auth.test'
 
 let up: FaultUpstream
-const dirs: string[] = []
-const nodes: Daemon[] = []
-
-async function tempDir (): Promise<string> {
-  const d = await mkdtemp(join(tmpdir(), 'pm-auth-'))
-  dirs.push(d)
-  return d
-}
-
-interface LogLine { level: number, msg: string, remote?: string, reason?: string, [k: string]: unknown }
-
-async function node (settings: RawSettings & { bootstrapFrom?: Daemon[], logs?: LogLine[] } = {}): Promise<Daemon> {
-  const { bootstrapFrom, logs, ...rest } = settings
-  const config = buildConfig({
-    listen: '127.0.0.1:0',
-    dataDir: await tempDir(),
-    upstream: [`${UP}=${up.url}`],
-    mdns: false,
-    p2pListen: ['/ip4/127.0.0.1/tcp/0'],
-    peerListen: '127.0.0.1:0',
-    bootstrap: (bootstrapFrom ?? []).flatMap(n => n.mesh()!.multiaddrs().slice(0, 1)),
-    peerTimeout: '2s',
-    upstreamRetries: '1',
-    ...rest,
-  }, {})
-  const logger = logs !== undefined
-    ? createLogger('warn', { write: (s: string) => { logs.push(JSON.parse(s) as LogLine) } })
-    : createLogger('silent')
-  const d = createDaemon(config, { logger })
-  await d.start()
-  nodes.push(d)
-  return d
-}
-
-async function until (what: string, cond: () => boolean | Promise<boolean>, timeoutMs = 15_000): Promise<void> {
-  const t0 = Date.now()
-  while (!(await cond())) {
-    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out waiting for ${what}`)
-    await new Promise(resolve => setTimeout(resolve, 20))
-  }
-}
+const mesh = loopbackMesh({ upstreamName: UP, upstreamUrl: () => up.url, dirPrefix: 'pm-auth-', settings: { peerTimeout: '2s' } })
+const { node, tempDir } = mesh
 
 const holds = (n: Daemon, d: string): boolean => n.mesh()!.holders(parseDigest(d)).length > 0
 const blobGets = (): number => up.requests.filter(r => r.method === 'GET' && r.path.includes('/blobs/')).length
@@ -113,13 +73,13 @@ async function trickle (url: string, head: string, rest: string, maxMs: number):
 
 beforeAll(async () => { up = await startFaultUpstream() })
 afterEach(async () => {
-  await Promise.allSettled(nodes.splice(0).reverse().map(async n => await n.stop()))
+  await mesh.stopNodes()
   up.setFault(undefined)
   up.requests.length = 0
 })
 afterAll(async () => {
   await up.close()
-  await Promise.all(dirs.map(async d => await rm(d, { recursive: true, force: true })))
+  await mesh.close()
 })
 
 describe('data-path signatures', () => {

@@ -1,16 +1,12 @@
 // HTTP/1.1 pipelining: a warm blob GET sent on the same connection right behind another request must
 // be answered once the first response is done (Node attaches the socket to it only then).
 import { createHash, randomBytes } from 'node:crypto'
-import { mkdtemp, rm } from 'node:fs/promises'
 import { connect } from 'node:net'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { buildConfig } from '../../src/config.js'
-import { createDaemon, type Daemon } from '../../src/daemon.js'
-import { createLogger } from '../../src/logger.js'
+import type { Daemon } from '../../src/daemon.js'
 import { parseDigest } from '../../src/oci/digest.js'
-import { startFaultUpstream, type FaultUpstream } from '../helpers/fault-upstream.js'
+import type { FaultUpstream } from '../helpers/fault-upstream.js'
+import { startFaultDaemon, type FaultDaemon } from '../helpers/fault-daemon.js'
 import { simpleRequest } from '../helpers/net.js'
 
 const sha = (b: Buffer): string => `sha256:${createHash('sha256').update(b).digest('hex')}`
@@ -46,20 +42,15 @@ async function pipelined (port: number, raw: string, count: number, timeoutMs: n
 }
 
 describe('pipelined requests', () => {
+  let f: FaultDaemon | undefined
   let up: FaultUpstream
   let daemon: Daemon
-  let dir: string
   beforeAll(async () => {
-    up = await startFaultUpstream()
-    dir = await mkdtemp(join(tmpdir(), 'pm-pipe-'))
-    daemon = createDaemon(buildConfig({ listen: '127.0.0.1:0', dataDir: dir, upstream: [`fault.test=${up.url}`], mesh: false, mdns: false }, {}), { logger: createLogger('silent') })
-    await daemon.start()
+    f = await startFaultDaemon({ dirPrefix: 'pm-pipe-' })
+    up = f.up
+    daemon = f.daemon
   })
-  afterAll(async () => {
-    await daemon?.stop()
-    await up?.close()
-    if (dir !== undefined) await rm(dir, { recursive: true, force: true })
-  })
+  afterAll(async () => { await f?.close() })
 
   it('answers a warm blob GET pipelined behind a slow response on the same connection', async () => {
     const warm = randomBytes(3 * 1024 * 1024 + 7)

@@ -1,33 +1,24 @@
 // Defects found in review of the client data path (issue 10, item 5): a HEAD on a cold miss, a manifest
 // first cached as a blob, and a manifest request for the digest of a large blob.
 import { randomBytes } from 'node:crypto'
-import { mkdtemp, rm } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { buildConfig } from '../../src/config.js'
-import { createDaemon, type Daemon } from '../../src/daemon.js'
-import { createLogger } from '../../src/logger.js'
+import type { Daemon } from '../../src/daemon.js'
 import { parseDigest } from '../../src/oci/digest.js'
 import { MediaType } from '../../src/oci/media-types.js'
-import { startFaultUpstream, type FaultUpstream } from '../helpers/fault-upstream.js'
 import { simpleRequest } from '../helpers/net.js'
+import type { FaultUpstream } from '../helpers/fault-upstream.js'
+import { startFaultDaemon, type FaultDaemon } from '../helpers/fault-daemon.js'
 
+let f: FaultDaemon | undefined
 let up: FaultUpstream
 let daemon: Daemon
-let dir: string
 
 beforeAll(async () => {
-  up = await startFaultUpstream()
-  dir = await mkdtemp(join(tmpdir(), 'pm-review-'))
-  daemon = createDaemon(buildConfig({ listen: '127.0.0.1:0', dataDir: dir, upstream: [`fault.test=${up.url}`], mesh: false, mdns: false }, {}), { logger: createLogger('silent') })
-  await daemon.start()
+  f = await startFaultDaemon({ dirPrefix: 'pm-review-' })
+  up = f.up
+  daemon = f.daemon
 })
-afterAll(async () => {
-  await daemon?.stop()
-  await up?.close()
-  if (dir !== undefined) await rm(dir, { recursive: true, force: true })
-})
+afterAll(async () => { await f?.close() })
 
 const base = (): string => `${daemon.url()}/v2/fault.test/team/app`
 const code = (body: Buffer): string => (JSON.parse(body.toString()) as { errors: Array<{ code: string }> }).errors[0]!.code
