@@ -409,6 +409,8 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
 
   const mdns = bool(s.mdns, 'mdns', problems) ?? true
   const mdnsIntervalMs = dur('mdns-interval', s.mdnsInterval, 1000)
+  // Timers overflow past 2^31-1 ms (and would then fire every millisecond): a day is plenty.
+  if (mdnsIntervalMs > 86_400_000) problems.push(`mdns-interval: at most 1d, got "${s.mdnsInterval}"`)
   const meshEnabled = bool(s.mesh, 'mesh', problems) ?? true
   const delegate = bool(s.delegate, 'delegate', problems) ?? true
   for (const a of s.p2pListen ?? []) {

@@ -267,8 +267,8 @@ export interface Membership {
 
 const DEDUPE_RETRY_MS = [2_000, 10_000]
 /**
- * mDNS cost: every query is answered by every node, so a LAN of N nodes querying every T carries
- * N²/T packets (N = 100: 60,000/min at T = 10 s, 10,000/min at the default T = 60 s). A new node's
+ * mDNS cost: every query is answered by every node (the asker too), so a LAN of N nodes querying every
+ * T carries N(N+1)/T packets (N = 100: 60,600/min at T = 10 s, 10,100/min at the default T = 60 s). A new node's
  * first query (sent at once) already reaches the whole LAN; these extra ones, early, cover a lost
  * packet or a link that was not forwarding yet. Known peers are kept by redial, not by mDNS.
  */

@@ -61,6 +61,7 @@ describe('config', () => {
     expect(problems).toEqual([])
     expect(() => buildConfig({ mdnsInterval: '100ms' }, env)).toThrow(/mdns-interval/)
     expect(() => buildConfig({ mdnsInterval: 'often' }, env)).toThrow(/mdns-interval/)
+    expect(() => buildConfig({ mdnsInterval: '30d' }, env)).toThrow(/mdns-interval: at most 1d/)
   })
   it('uses XDG_DATA_HOME', () => {
     expect(buildConfig({}, { XDG_DATA_HOME: '/x' }).dataDir).toBe('/x/pullmesh')
