@@ -48,6 +48,8 @@ export interface Config {
   mesh: {
     enabled: boolean
     mdns: boolean
+    /** How often this node sends an mDNS query once started (it sends a few in its first seconds regardless). */
+    mdnsIntervalMs: number
     bootstrap: string[]
     /** DNS names (NAME or NAME:PORT) resolving to peers, re-resolved periodically. */
     bootstrapDns: string[]
@@ -78,6 +80,7 @@ export interface RawSettings {
   maxAge?: string
   logLevel?: string
   mdns?: boolean | string
+  mdnsInterval?: string
   mesh?: boolean | string
   bootstrap?: string[]
   bootstrapDns?: string[]
@@ -114,6 +117,7 @@ export const ENV_VARS: Record<string, keyof RawSettings> = {
   PULLMESH_MAX_AGE: 'maxAge',
   PULLMESH_LOG_LEVEL: 'logLevel',
   PULLMESH_MDNS: 'mdns',
+  PULLMESH_MDNS_INTERVAL: 'mdnsInterval',
   PULLMESH_MESH: 'mesh',
   PULLMESH_BOOTSTRAP: 'bootstrap',
   PULLMESH_BOOTSTRAP_DNS: 'bootstrapDns',
@@ -146,6 +150,7 @@ export const DEFAULTS = {
   maxSize: '20GiB',
   maxAge: '30d',
   logLevel: 'info',
+  mdnsInterval: '60s',
   p2pListen: ['/ip4/0.0.0.0/tcp/4001'],
   peerListen: '0.0.0.0:5050',
   peerTimeout: '500ms',
@@ -190,6 +195,7 @@ const fileSchema = z.object({
   maxAge: z.union([z.string(), z.number()]),
   logLevel: z.string(),
   mdns: z.boolean(),
+  mdnsInterval: z.union([z.string(), z.number()]),
   mesh: z.boolean(),
   bootstrap: z.array(z.string()),
   bootstrapDns: z.array(z.string()),
@@ -243,6 +249,7 @@ export function settingsFromFile (path: string, problems: string[]): RawSettings
     maxAge: str(d.maxAge),
     logLevel: d.logLevel,
     mdns: d.mdns,
+    mdnsInterval: str(d.mdnsInterval),
     mesh: d.mesh,
     bootstrap: d.bootstrap,
     bootstrapDns: d.bootstrapDns,
@@ -401,6 +408,9 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
   }
 
   const mdns = bool(s.mdns, 'mdns', problems) ?? true
+  const mdnsIntervalMs = dur('mdns-interval', s.mdnsInterval, 1000)
+  // Timers overflow past 2^31-1 ms (and would then fire every millisecond): a day is plenty.
+  if (mdnsIntervalMs > 86_400_000) problems.push(`mdns-interval: at most 1d, got "${s.mdnsInterval}"`)
   const meshEnabled = bool(s.mesh, 'mesh', problems) ?? true
   const delegate = bool(s.delegate, 'delegate', problems) ?? true
   for (const a of s.p2pListen ?? []) {
@@ -443,6 +453,7 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
     mesh: {
       enabled: meshEnabled,
       mdns,
+      mdnsIntervalMs,
       bootstrap: s.bootstrap ?? [],
       bootstrapDns: s.bootstrapDns ?? [],
       peerExchange,

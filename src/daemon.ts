@@ -145,6 +145,7 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       listen: config.mesh.p2pListen,
       bootstrap: config.mesh.bootstrap,
       mdns: config.mesh.mdns,
+      mdnsIntervalMs: config.mesh.mdnsIntervalMs,
       bootstrapDns: config.mesh.bootstrapDns.map(n => parseDnsName(n)!),
       peerExchange: config.mesh.peerExchange,
       dataPort,

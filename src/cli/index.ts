@@ -50,6 +50,7 @@ export async function runCli (argv: string[], io: CliIo): Promise<number> {
     .option('--max-age <duration>', 'evict content not accessed for this long, or "off" (default 30d)')
     .option('--log-level <level>', 'fatal|error|warn|info|debug|trace|silent (default info)')
     .option('--no-mdns', 'do not discover peers with mDNS')
+    .option('--mdns-interval <duration>', 'how often to send an mDNS query after the first few seconds (default 60s)')
     .option('--no-mesh', 'run without the LAN mesh (no libp2p at all)')
     .option('--bootstrap-dns <name[:port]>', 'a DNS name resolving to peers (e.g. a Kubernetes headless Service), re-resolved every 30 s; repeatable', collect)
     .option('--no-peer-exchange', 'do not dial peers that other peers tell us about')

@@ -232,7 +232,7 @@ export interface MembershipInit extends Omit<RedialTableInit, 'self' | 'random'>
   /** Multiaddrs ending in /p2p/<id>: dialed at start, and redialed with backoff whenever disconnected. */
   bootstrap: string[]
   mdns: boolean
-  /** mDNS service tag and query interval. */
+  /** mDNS service tag and query interval (default 60 s, after queries at start, +1 s and +5 s: see MDNS_STARTUP_QUERIES_MS). */
   mdnsServiceTag?: string
   mdnsIntervalMs?: number
   /** Dials in flight at once (default 4). */
@@ -266,10 +266,22 @@ export interface Membership {
 }
 
 const DEDUPE_RETRY_MS = [2_000, 10_000]
+/**
+ * mDNS cost: every query is answered by every node (the asker too), so a LAN of N nodes querying every
+ * T carries N(N+1)/T packets (N = 100: 60,600/min at T = 10 s, 10,100/min at the default T = 60 s). A new node's
+ * first query (sent at once) already reaches the whole LAN; these extra ones, early, cover a lost
+ * packet or a link that was not forwarding yet. Known peers are kept by redial, not by mDNS.
+ */
+const MDNS_STARTUP_QUERIES_MS = [1_000, 5_000]
+const MDNS_DEFAULT_INTERVAL_MS = 60_000
 const FORGET_SWEEP_MS = 60_000
 
 type QueryListener = (packet: { questions?: Array<{ name?: string }> }) => void
-interface QuerySocket { on: (e: 'query', f: QueryListener) => unknown, removeListener: (e: 'query', f: QueryListener) => unknown }
+interface QuerySocket {
+  on: (e: 'query', f: QueryListener) => unknown
+  removeListener: (e: 'query', f: QueryListener) => unknown
+  query: (q: { questions: Array<{ name: string, type: 'PTR' }> }) => unknown
+}
 
 /** A bootstrap multiaddr split into the peer id and the address without it: `/ip4/…/tcp/…/p2p/ID` → ID, `/ip4/…/tcp/…`. */
 function splitPeerAddr (addr: string): { id: string, ma: Multiaddr } | undefined {
@@ -314,6 +326,7 @@ export function createMembership (components: MembershipComponents, init: Member
   let tickTimer: NodeJS.Timeout | undefined
   let mdnsSocket: QuerySocket | undefined
   let sweepTimer: NodeJS.Timeout | undefined
+  let startupQueryTimers: NodeJS.Timeout[] = []
   const serviceTag = init.mdnsServiceTag ?? 'pullmesh.local'
   let discovery: { start: () => Promise<void> | void, stop: () => Promise<void> | void, addEventListener: (t: 'peer', f: (e: CustomEvent<PeerInfo>) => void) => void, removeEventListener: (t: 'peer', f: (e: CustomEvent<PeerInfo>) => void) => void } | undefined
 
@@ -455,7 +468,7 @@ export function createMembership (components: MembershipComponents, init: Member
       sweepTimer = setInterval(sweep, FORGET_SWEEP_MS)
       sweepTimer.unref()
       if (init.mdns) {
-        const d = mdns({ serviceTag, interval: init.mdnsIntervalMs ?? 10_000 })({
+        const d = mdns({ serviceTag, interval: init.mdnsIntervalMs ?? MDNS_DEFAULT_INTERVAL_MS })({
           logger: node.logger,
           addressManager: { getAddresses: () => node.getMultiaddrs() },
         } as unknown as Parameters<ReturnType<typeof mdns>>[0])
@@ -465,6 +478,11 @@ export function createMembership (components: MembershipComponents, init: Member
         // The service emits only responses; its multicast-dns socket (not part of its typed API) also sees queries.
         mdnsSocket = (d as unknown as { mdns?: QuerySocket }).mdns
         mdnsSocket?.on('query', onMdnsQuery)
+        const socket = mdnsSocket
+        startupQueryTimers = MDNS_STARTUP_QUERIES_MS.map(ms => setTimeout(() => {
+          if (started && mdnsSocket === socket) socket?.query({ questions: [{ name: serviceTag, type: 'PTR' }] })
+        }, ms))
+        for (const t of startupQueryTimers) t.unref()
       }
       tick()
     },
@@ -475,6 +493,8 @@ export function createMembership (components: MembershipComponents, init: Member
       stopCtl.abort()
       if (tickTimer !== undefined) { clearInterval(tickTimer); tickTimer = undefined }
       if (sweepTimer !== undefined) { clearInterval(sweepTimer); sweepTimer = undefined }
+      for (const t of startupQueryTimers) clearTimeout(t)
+      startupQueryTimers = []
       node.removeEventListener('peer:connect', onPeerConnect)
       node.removeEventListener('peer:disconnect', onPeerDisconnect)
       node.removeEventListener('connection:open', onConnectionOpen)

@@ -240,7 +240,9 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     })
     inventory = inv
     announce = ann
-    membership = createMembership({ logger: components.logger, node: n }, { bootstrap: init.bootstrap, mdns: init.mdns })
+    membership = createMembership({ logger: components.logger, node: n }, {
+      bootstrap: init.bootstrap, mdns: init.mdns, ...(init.mdnsIntervalMs !== undefined ? { mdnsIntervalMs: init.mdnsIntervalMs } : {}),
+    })
     await n.handle(INVENTORY_PROTOCOL, inv.serve, { maxInboundStreams: 4, maxOutboundStreams: 4 })
     n.addEventListener('connection:open', onConnectionOpen)
     n.addEventListener('peer:connect', onPeerConnect)

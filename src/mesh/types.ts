@@ -69,6 +69,8 @@ export interface MeshInit {
   /** Multiaddrs of peers to dial at start (and re-dial while disconnected); each must end in /p2p/<id>. */
   bootstrap: string[]
   mdns: boolean
+  /** mDNS query interval (default 60 s; see membership.ts). */
+  mdnsIntervalMs?: number
   /** DNS names resolving to peers, re-resolved every `dnsIntervalMs` (default 30 s). */
   bootstrapDns?: Array<{ host: string, port: number }>
   dnsIntervalMs?: number

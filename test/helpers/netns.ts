@@ -5,6 +5,11 @@
 //   node namespace pm<pid>n<i>: eth0 (veth to br0), 10.99.S.(10+i)/24, multicast on,
 //                               route 224.0.0.0/4 dev eth0, no default route
 //
+// With `segments: K` (K > 1) the hub is also a router between K LAN segments: segment k has its own
+// bridge (br0 for k = 0, sg<k> otherwise) and subnet 10.(99-k).S.0/24, the hub holds 10.(99-k).S.1 on
+// it and forwards IPv4 between them; each node routes the other segments' subnets via its segment's
+// hub address. Multicast is never routed, so mDNS stays inside a segment, as on a real routed network.
+//
 // Names carry our PID, so parallel or leftover runs never collide. `teardown()` kills every process
 // this lab started (by PID), then deletes every namespace it created; it also runs on process exit.
 // Nothing here touches the root network namespace: mDNS and multicast only ever run in the nodes.
@@ -12,6 +17,7 @@
 // The test process itself stays in the root namespace and cannot reach 10.99.S.0/24: it talks to
 // the namespaces through commands run with `ip netns exec` (curl, skopeo, ctr) and through files.
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process'
+import { createRequire } from 'node:module'
 import { randomBytes } from 'node:crypto'
 import { mkdir, mkdtemp, readdir, readlink, rm, stat, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
@@ -25,8 +31,10 @@ export interface NetnsNode {
   ns: string
   /** 1-based. */
   index: number
-  /** 10.99.S.(10+index) */
+  /** 10.(99-segment).S.(10+index) */
   ip: string
+  /** The LAN segment (0-based; always 0 in a one-segment lab). */
+  segment: number
 }
 
 export interface NetnsProcess {
@@ -44,9 +52,11 @@ export interface NetnsLab {
   subnet: number
   /** The hub's br0 address, where the upstream registry listens. */
   hubIp: string
+  /** The hub's address on each segment's bridge, the nodes' gateway there (gateways[0] is hubIp). */
+  gateways: string[]
   nodes: NetnsNode[]
-  /** Adds one more node namespace to the bridge. */
-  addNode: () => Promise<NetnsNode>
+  /** Adds one more node namespace to a segment's bridge (default segment 0). */
+  addNode: (segment?: number) => Promise<NetnsNode>
   /** `ip netns exec ns cmd args` to completion (see run()). */
   exec: (ns: string, cmd: string, args: readonly string[], o?: RunOptions) => Promise<RunResult>
   /** Starts a long-running `ip netns exec ns cmd args`; tracked, and killed by PID at teardown. */
@@ -89,12 +99,18 @@ function alive (pid: number): boolean {
   try { process.kill(pid, 0); return true } catch { return false }
 }
 
-export async function createNetnsLab (o: { nodes: number }): Promise<NetnsLab> {
+/** `nodes` nodes on segment 0; `segments` LAN segments routed through the hub (default 1). */
+export async function createNetnsLab (o: { nodes: number, segments?: number }): Promise<NetnsLab> {
   if (typeof process.getuid === 'function' && process.getuid() !== 0) throw new Error('network namespaces need root')
   const tag = `pm${process.pid}${randomBytes(2).toString('hex')}`
   const hub = `${tag}h`
   const subnet = 20 + (process.pid % 200)
-  const hubIp = `10.99.${subnet}.1`
+  const segments = o.segments ?? 1
+  if (!Number.isInteger(segments) || segments < 1 || segments > 9) throw new Error(`segments: expected 1 to 9, got ${segments}`)
+  const prefix = (segment: number): string => `10.${99 - segment}.${subnet}`
+  const bridgeOf = (segment: number): string => segment === 0 ? 'br0' : `sg${segment}`
+  const gateways = Array.from({ length: segments }, (_, k) => `${prefix(k)}.1`)
+  const hubIp = gateways[0]!
   const created: string[] = []
   const tracked = new Set<number>()
   const procs = new Set<NetnsProcess>()
@@ -111,20 +127,23 @@ export async function createNetnsLab (o: { nodes: number }): Promise<NetnsLab> {
   }
   process.once('exit', onExit)
 
-  async function addNode (): Promise<NetnsNode> {
+  async function addNode (segment = 0): Promise<NetnsNode> {
+    if (!Number.isInteger(segment) || segment < 0 || segment >= segments) throw new Error(`segment ${segment}: this lab has segments 0 to ${segments - 1}`)
     const index = nodes.length + 1
     const ns = `${tag}n${index}`
     await ip('netns', 'add', ns)
     created.push(ns)
     await ip('-n', ns, 'link', 'set', 'lo', 'up')
     await ip('-n', hub, 'link', 'add', `veth${index}`, 'type', 'veth', 'peer', 'name', 'eth0', 'netns', ns)
-    await ip('-n', hub, 'link', 'set', `veth${index}`, 'master', 'br0')
+    await ip('-n', hub, 'link', 'set', `veth${index}`, 'master', bridgeOf(segment))
     await ip('-n', hub, 'link', 'set', `veth${index}`, 'up')
-    const addr = `10.99.${subnet}.${10 + index}`
+    const addr = `${prefix(segment)}.${10 + index}`
     await ip('-n', ns, 'addr', 'add', `${addr}/24`, 'dev', 'eth0')
     await ip('-n', ns, 'link', 'set', 'eth0', 'multicast', 'on', 'up')
     await ip('-n', ns, 'route', 'add', '224.0.0.0/4', 'dev', 'eth0') // no default route, on purpose
-    const node = { ns, index, ip: addr }
+    // The other segments (unicast only) through this segment's hub address.
+    for (let k = 0; k < segments; k++) if (k !== segment) await ip('-n', ns, 'route', 'add', `${prefix(k)}.0/24`, 'via', gateways[segment]!)
+    const node = { ns, index, ip: addr, segment }
     nodes.push(node)
     return node
   }
@@ -215,17 +234,22 @@ export async function createNetnsLab (o: { nodes: number }): Promise<NetnsLab> {
     for (const n of side) await ip('-n', hub, 'link', 'set', `veth${n.index}`, 'master', 'br1')
   }
   async function healBridge (): Promise<void> {
-    for (const n of nodes) await ip('-n', hub, 'link', 'set', `veth${n.index}`, 'master', 'br0')
+    for (const n of nodes) await ip('-n', hub, 'link', 'set', `veth${n.index}`, 'master', bridgeOf(n.segment))
   }
 
   try {
     await ip('netns', 'add', hub)
     created.push(hub)
     await ip('-n', hub, 'link', 'set', 'lo', 'up')
-    await ip('-n', hub, 'link', 'add', 'br0', 'type', 'bridge')
-    await ip('-n', hub, 'link', 'set', 'br0', 'type', 'bridge', 'mcast_snooping', '0') // flood multicast; there is no IGMP querier
-    await ip('-n', hub, 'addr', 'add', `${hubIp}/24`, 'dev', 'br0')
-    await ip('-n', hub, 'link', 'set', 'br0', 'up')
+    for (let k = 0; k < segments; k++) {
+      const br = bridgeOf(k)
+      await ip('-n', hub, 'link', 'add', br, 'type', 'bridge')
+      await ip('-n', hub, 'link', 'set', br, 'type', 'bridge', 'mcast_snooping', '0') // flood multicast; there is no IGMP querier
+      await ip('-n', hub, 'addr', 'add', `${gateways[k]}/24`, 'dev', br)
+      await ip('-n', hub, 'link', 'set', br, 'up')
+    }
+    // A router between the segments: unicast IPv4 only (nothing routes multicast here).
+    if (segments > 1) await run('ip', ['netns', 'exec', hub, 'sysctl', '-qw', 'net.ipv4.ip_forward=1'], { timeoutMs: 10_000 })
     for (let i = 0; i < o.nodes; i++) await addNode()
   } catch (e) {
     await teardown().catch(() => {})
@@ -236,6 +260,7 @@ export async function createNetnsLab (o: { nodes: number }): Promise<NetnsLab> {
     hub,
     subnet,
     hubIp,
+    gateways,
     nodes,
     addNode,
     exec,
@@ -383,3 +408,49 @@ export async function startFileServer (lab: NetnsLab, node: NetnsNode, file: str
   return { url, stop: async () => { await p.stop() } }
 }
 
+
+// ------------------------------------------------------------------ mDNS listener
+
+export interface MdnsPacket {
+  /** ms since epoch, when it arrived. */
+  at: number
+  /** Source address. */
+  from: string
+  kind: 'query' | 'response'
+  /** UDP payload size. */
+  bytes: number
+  /** Question names (queries) or answer names (responses). */
+  names: string[]
+  /** Peer ids in the answers' `dnsaddr=/…/p2p/<id>` TXT records (libp2p mDNS responses). */
+  peerIds: string[]
+}
+
+/**
+ * A passive mDNS listener inside `ns`: a UDP socket on 5353 (shared with any mDNS responder there,
+ * SO_REUSEADDR) in the group 224.0.0.251, decoding each packet with dns-packet. It only listens, so
+ * it sees what every host on that namespace's LAN segment receives, its own namespace's packets too.
+ */
+export async function startMdnsListener (lab: NetnsLab, ns: string): Promise<{ packets: () => MdnsPacket[], stop: () => Promise<void> }> {
+  const dnsPacket = createRequire(import.meta.url).resolve('dns-packet')
+  const script = `
+    const dgram = require('node:dgram'); const packet = require(process.argv[1])
+    const s = dgram.createSocket({ type: 'udp4', reuseAddr: true })
+    s.on('message', (buf, rinfo) => {
+      let p; try { p = packet.decode(buf) } catch { return }
+      const answers = [...(p.answers || []), ...(p.additionals || [])]
+      const txt = answers.filter(a => a.type === 'TXT').flatMap(a => [].concat(a.data).map(String))
+      const peerIds = [...new Set(txt.filter(t => t.includes('/p2p/')).map(t => t.split('/p2p/').pop().split('/')[0]))]
+      const names = p.type === 'query' ? (p.questions || []).map(q => q.name) : (p.answers || []).map(a => a.name)
+      console.log(JSON.stringify({ at: Date.now(), from: rinfo.address, kind: p.type, bytes: rinfo.size, names, peerIds }))
+    })
+    s.bind(5353, () => { s.addMembership('224.0.0.251'); console.log('listening') })`
+  const p = lab.spawn(ns, process.execPath, ['-e', script, dnsPacket])
+  await waitFor(async () => {
+    if (p.exited()) throw new Error(`mDNS listener exited:\n${p.logs()}`)
+    return p.logs().includes('listening')
+  }, { timeoutMs: 10_000, what: `mDNS listener in ${ns}` })
+  return {
+    packets: () => p.logs().split('\n').filter(l => l.startsWith('{')).map(l => JSON.parse(l) as MdnsPacket),
+    stop: async () => { await p.stop() },
+  }
+}

@@ -9,35 +9,13 @@ import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { DAEMON_ENTRY, REPO_ROOT } from '../helpers/daemon-process.js'
 import { run, which } from '../helpers/exec.js'
+import { loadYaml } from '../helpers/yaml.js'
 
 let work = ''
 beforeAll(async () => { work = await mkdtemp(join(tmpdir(), 'pullmesh-deploy-')) })
 afterAll(async () => { await rm(work, { recursive: true, force: true }) })
 
 const repoFile = async (p: string): Promise<string> => await readFile(join(REPO_ROOT, p), 'utf8')
-
-/**
- * A python3 that can `import yaml`. Debian's /usr/bin/python3 comes first: that is where the
- * python3-yaml package installs (a pyenv or venv python3 earlier on PATH may lack it).
- */
-let python: string | undefined
-async function pythonWithYaml (): Promise<string> {
-  if (python !== undefined) return python
-  const candidates = [...new Set(['/usr/bin/python3', which('python3')].filter((p): p is string => p !== undefined))]
-  for (const p of candidates) {
-    const r = await run(p, ['-c', 'import yaml'], { allowFailure: true, timeoutMs: 30_000 }).catch(() => undefined)
-    if (r?.code === 0) { python = p; return p }
-  }
-  throw new Error(`no python3 with the yaml module (tried: ${candidates.join(', ') || 'none on PATH'}): apt-get install -y python3-yaml`)
-}
-
-/** Every YAML document in `path`, parsed by PyYAML (safe_load_all) and handed over as JSON. */
-async function loadYaml (path: string): Promise<any[]> {
-  const script = 'import json, sys, yaml\nprint(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))'
-  const r = await run(await pythonWithYaml(), ['-c', script, join(REPO_ROOT, path)], { allowFailure: true, timeoutMs: 30_000 })
-  if (r.code !== 0) throw new Error(`${path} does not parse as YAML:\n${r.stderr}`)
-  return JSON.parse(r.stdout) as any[]
-}
 
 // ------------------------------------------------------------ systemd
 

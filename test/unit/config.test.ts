@@ -50,6 +50,19 @@ describe('config', () => {
     expect(() => buildConfig({ tlsCert: join(dir, 'c.pem'), tlsKey: join(dir, 'k.pem') }, env)).toThrow(/not a PEM certificate/)
     expect(buildConfig({}, env).tls).toBeUndefined()
   })
+  it('queries mDNS every 60 s by default; --mdns-interval, PULLMESH_MDNS_INTERVAL and the file set it, at least 1 s', () => {
+    expect(buildConfig({}, env).mesh.mdnsIntervalMs).toBe(60_000)
+    expect(buildConfig({ mdnsInterval: '2m' }, env).mesh.mdnsIntervalMs).toBe(120_000)
+    expect(buildConfig(settingsFromEnv({ PULLMESH_MDNS_INTERVAL: '15s' }), env).mesh.mdnsIntervalMs).toBe(15_000)
+    const dir = mkdtempSync(join(tmpdir(), 'pm-cfg-mdns-'))
+    writeFileSync(join(dir, 'c.json'), JSON.stringify({ mdnsInterval: '90s' }))
+    const problems: string[] = []
+    expect(buildConfig(settingsFromFile(join(dir, 'c.json'), problems), env).mesh.mdnsIntervalMs).toBe(90_000)
+    expect(problems).toEqual([])
+    expect(() => buildConfig({ mdnsInterval: '100ms' }, env)).toThrow(/mdns-interval/)
+    expect(() => buildConfig({ mdnsInterval: 'often' }, env)).toThrow(/mdns-interval/)
+    expect(() => buildConfig({ mdnsInterval: '30d' }, env)).toThrow(/mdns-interval: at most 1d/)
+  })
   it('uses XDG_DATA_HOME', () => {
     expect(buildConfig({}, { XDG_DATA_HOME: '/x' }).dataDir).toBe('/x/pullmesh')
   })
