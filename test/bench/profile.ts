@@ -63,7 +63,8 @@ async function threadCpu (pid: number): Promise<Map<string, number>> {
   for (const t of await readdir(`/proc/${pid}/task`).catch(() => [] as string[])) {
     const s = await readFile(`/proc/${pid}/task/${t}/stat`, 'utf8').catch(() => '')
     if (s === '') continue
-    const comm = s.slice(s.indexOf('(') + 1, s.lastIndexOf(')')).replace(/\d+$/, '#')
+    // Threads of Node 20 are mostly all called "node": the main thread is the one whose id is the pid.
+    const comm = `${s.slice(s.indexOf('(') + 1, s.lastIndexOf(')'))}${t === String(pid) ? ' (main)' : `/${t}`}`
     const f = s.slice(s.lastIndexOf(')') + 2).split(' ')
     m.set(comm, (m.get(comm) ?? 0) + (Number(f[11]) + Number(f[12])) / 100)
   }
