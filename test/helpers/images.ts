@@ -51,6 +51,8 @@ export interface BuildOptions {
   layers?: number
   /** Random payload bytes per layer (gzip does not shrink them). Default 1 MiB. */
   layerBytes?: number
+  /** Payload bytes of each layer, one entry per layer (overrides `layers` and `layerBytes`). */
+  layerSizes?: number[]
   arch?: string
   os?: string
   tag?: string
@@ -60,6 +62,8 @@ export interface BuildOptions {
 
 export interface MultiArchOptions extends Omit<BuildOptions, 'arch'> {
   platforms?: string[]
+  /** Per-platform layer payload sizes (overrides `layerSizes`, `layers` and `layerBytes` for that platform). */
+  platformLayerSizes?: Record<string, number[]>
 }
 
 const sha256 = (b: Buffer | string): string => 'sha256:' + createHash('sha256').update(b).digest('hex')
@@ -141,17 +145,17 @@ class LayoutWriter {
   }
 }
 
-async function buildPlatform (w: LayoutWriter, arch: string, os: string, layers: number, layerBytes: number): Promise<PlatformImage> {
+async function buildPlatform (w: LayoutWriter, arch: string, os: string, sizes: number[]): Promise<PlatformImage> {
   const created = new Date().toISOString()
   const layerDescs: BlobDesc[] = []
   const diffIds: string[] = []
   const history: Array<{ created: string, created_by: string }> = []
   const nonce = randomBytes(8).toString('hex')
-  for (let i = 0; i < layers; i++) {
+  for (let i = 0; i < sizes.length; i++) {
     const tar = makeTar([
       { name: `layer${i}`, dir: true },
       { name: `layer${i}/id.txt`, data: Buffer.from(`pullmesh test layer ${i} ${arch} ${nonce}\n`) },
-      { name: `layer${i}/data.bin`, data: randomBytes(layerBytes) },
+      { name: `layer${i}/data.bin`, data: randomBytes(sizes[i]!) },
     ])
     diffIds.push(sha256(tar))
     layerDescs.push(await w.put(MT_LAYER, gzipSync(tar, { level: 1 })))
@@ -171,6 +175,10 @@ async function buildPlatform (w: LayoutWriter, arch: string, os: string, layers:
   return { arch, os, manifest: manifestDesc, config: configDesc, layers: layerDescs }
 }
 
+function layerSizesOf (o: BuildOptions): number[] {
+  return o.layerSizes ?? Array.from({ length: o.layers ?? 2 }, () => o.layerBytes ?? 1 << 20)
+}
+
 function total (descs: BlobDesc[]): number {
   return descs.reduce((a, d) => a + d.size, 0)
 }
@@ -186,7 +194,7 @@ export async function buildImage (o: BuildOptions = {}): Promise<BuiltImage> {
   const w = new LayoutWriter(dir)
   await w.init()
   const tag = o.tag ?? '1'
-  const p = await buildPlatform(w, o.arch ?? 'amd64', o.os ?? 'linux', o.layers ?? 2, o.layerBytes ?? 1 << 20)
+  const p = await buildPlatform(w, o.arch ?? 'amd64', o.os ?? 'linux', layerSizesOf(o))
   await w.writeIndex(p.manifest, tag)
   const blobs = [p.config, ...p.layers]
   return {
@@ -211,7 +219,7 @@ export async function buildMultiArchImage (o: MultiArchOptions = {}): Promise<Bu
   const os = o.os ?? 'linux'
   const platforms: PlatformImage[] = []
   for (const arch of o.platforms ?? ['amd64', 'arm64']) {
-    platforms.push(await buildPlatform(w, arch, os, o.layers ?? 2, o.layerBytes ?? 1 << 20))
+    platforms.push(await buildPlatform(w, arch, os, o.platformLayerSizes?.[arch] ?? layerSizesOf(o)))
   }
   const index = {
     schemaVersion: 2,
