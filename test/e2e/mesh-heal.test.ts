@@ -6,7 +6,7 @@
 // Needs root and ip, iptables, skopeo, docker-registry, curl: a missing one FAILS the run.
 import { createHash } from 'node:crypto'
 import { createReadStream } from 'node:fs'
-import { mkdir, mkdtemp, rm } from 'node:fs/promises'
+import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { pipeline } from 'node:stream/promises'
@@ -153,7 +153,11 @@ async function pullBlobsUpstreamDown (via: readonly Node[], name: string, img: B
       for (const b of img.blobs) {
         const file = join(work, `blob-${n.net.index}-${b.digest.slice(7, 19)}`)
         const res = await L().exec(n.net.ns, 'curl', ['-sS', '--max-time', '60', '-o', file, '-w', '%{http_code}', `${url(n)}/v2/${UP}/library/${name}/blobs/${b.digest}`], { timeoutMs: 70_000 })
-        expect(res.stdout.trim(), `GET ${name} blob ${b.digest} via node ${n.net.index} with the upstream down`).toBe('200')
+        if (res.stdout.trim() !== '200') {
+          const body = await readFile(file, 'utf8').catch(() => '')
+          throw new Error(`GET ${name} blob ${b.digest} via node ${n.net.index} with the upstream down: ${res.stdout.trim()} ${body}\n` +
+            `--- node ${n.net.index} ---\n${n.d.logs().filter(l => !l.includes('/pullmesh/v1/status')).slice(-30).join('\n')}`)
+        }
         expect(await sha256File(file)).toBe(b.digest)
         await rm(file, { force: true })
       }
