@@ -8,7 +8,6 @@ import { createUpstreamClient } from './upstream/client.js'
 import type { UpstreamClient } from './upstream/types.js'
 import { networkInterfaces } from 'node:os'
 import { createResolver, type Resolver } from './content/resolver.js'
-import { createPeerContent } from './content/peer-source.js'
 import { createListings } from './content/listings.js'
 import type { PeerContent } from './content/types.js'
 import { createHttpServer } from './http/server.js'
@@ -137,7 +136,8 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
     peerHttp = createPeerServer({ resolver, metrics, logger }, { self, ...(key !== undefined ? { key } : {}) })
     await peerHttp.listen({ host: config.mesh.peerListen.host, port: config.mesh.peerListen.port })
     // libp2p takes about half a second to load: only a node with the mesh on pays for it.
-    const { createMesh } = await import('./mesh/index.js')
+    // The peer source (and undici's full index, which it imports) too.
+    const [{ createMesh }, { createPeerContent }] = await Promise.all([import('./mesh/index.js'), import('./content/peer-source.js')])
     const dataPort = (peerHttp.server.address() as { port: number }).port
     peerUrl = `http://${reachableHost(config.mesh.peerListen.host)}:${dataPort}`
     mesh = createMesh({ logger, metrics, store }, {

@@ -5,11 +5,6 @@ import { buildConfig, mergeSettings, settingsFromEnv, settingsFromFile, type Raw
 import { ConfigError } from '../errors.js'
 import { createLogger } from '../logger.js'
 import { createDaemon } from '../daemon.js'
-import { registerConfigure } from './configure.js'
-import { registerPrefetch } from './prefetch.js'
-import { registerStatus } from './status.js'
-import { registerAdmin } from './admin.js'
-import { registerKeygen } from './keygen.js'
 
 /** Everything the CLI needs from the process, handed in by main.ts. */
 export interface CliIo {
@@ -77,11 +72,18 @@ export async function runCli (argv: string[], io: CliIo): Promise<number> {
       exitCode = await start(cmd, io)
     })
 
-  registerStatus(program, io, code => { exitCode = code })
-  registerPrefetch(program, io, code => { exitCode = code })
-  registerAdmin(program, io, code => { exitCode = code })
-  registerKeygen(program, io, code => { exitCode = code })
-  registerConfigure(program, io, code => { exitCode = code })
+  // commander runs the command its first operand names, so `pullmesh start ...` never needs the other
+  // commands: their modules (and cli-progress, the prefetch bars) load only for another first argument.
+  if (argv[0] !== 'start') {
+    const [{ registerStatus }, { registerPrefetch }, { registerAdmin }, { registerKeygen }, { registerConfigure }] = await Promise.all([
+      import('./status.js'), import('./prefetch.js'), import('./admin.js'), import('./keygen.js'), import('./configure.js'),
+    ])
+    registerStatus(program, io, code => { exitCode = code })
+    registerPrefetch(program, io, code => { exitCode = code })
+    registerAdmin(program, io, code => { exitCode = code })
+    registerKeygen(program, io, code => { exitCode = code })
+    registerConfigure(program, io, code => { exitCode = code })
+  }
 
   try {
     await program.parseAsync(argv, { from: 'user' })

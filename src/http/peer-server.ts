@@ -8,6 +8,7 @@ import { AUTH_ERROR_HEADER, AUTH_HEADER, PEER_BLOB_PATH, createRequestVerifier, 
 import { OciError, blobUnknown } from '../errors.js'
 import { toOciError } from './server.js'
 import { sendBody } from './send-body.js'
+import { lazySchemaCompilers } from './schema-compilers.js'
 import { pipeline } from 'node:stream/promises'
 import { DELEGATED_CONTENT_TYPE, HEARTBEAT_MS, PEER_FETCH_PATH, encodePreamble } from '../content/delegation.js'
 
@@ -47,6 +48,7 @@ export function createPeerServer (c: PeerServerComponents, init: PeerServerInit)
   const requestTimeout = Math.max(init.requestTimeoutMs ?? 10_000, headersTimeout)
   const app = Fastify({
     logger: false,
+    schemaController: { compilersFactory: lazySchemaCompilers() },
     forceCloseConnections: true,
     return503OnClosing: true,
     // sha512 digests (135 characters) are path parameters too.

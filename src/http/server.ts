@@ -12,6 +12,7 @@ import type { Listings } from '../content/listings.js'
 import type { TlsMaterial } from './tls.js'
 import { UpstreamCircuitOpenError } from '../upstream/breaker.js'
 import { BlobTooLargeError } from '../store/errors.js'
+import { lazySchemaCompilers } from './schema-compilers.js'
 
 export interface HttpComponents {
   resolver: Resolver
@@ -37,6 +38,8 @@ export function createHttpServer (c: HttpComponents, routing: RoutingInit, init:
   const app = Fastify({
     ...(init.tls !== undefined ? { https: { cert: init.tls.cert, key: init.tls.key } } : {}),
     logger: false,
+    // No route has a schema: ajv and fast-json-stringify load only if one ever does (see schema-compilers.ts).
+    schemaController: { compilersFactory: lazySchemaCompilers() },
     routerOptions: { maxParamLength: 2048 },
     forceCloseConnections: true,
     return503OnClosing: true,
