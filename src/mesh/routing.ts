@@ -143,6 +143,8 @@ export function createRouting (components: { logger: Logger, node: DhtNode, inde
   let running = false
   let inFlight = 0
   let timer: NodeJS.Timeout | undefined
+  /** When the armed timer fires: an entry due earlier re-arms it. */
+  let timerAt = 0
   let stopCtl = new AbortController()
   /** Tokens for starting provides (refilled at `rate`). */
   let tokens = 1
@@ -195,11 +197,17 @@ export function createRouting (components: { logger: Logger, node: DhtNode, inde
   const jitter = (ms: number): number => Math.round(ms * (0.75 + Math.random() * 0.5))
 
   function arm (): void {
-    if (!running || timer !== undefined) return
+    if (!running) return
     while (heap.length > 0 && due.get(heap[0]!.digest) !== heap[0]!.due) pop()
     const next = heap[0]
     if (next === undefined) return
-    const wait = Math.max(inFlight >= concurrency ? 50 : 0, next.due - Date.now(), tokens >= 1 ? 0 : Math.ceil(1000 / rate))
+    const now = Date.now()
+    const wait = Math.max(inFlight >= concurrency ? 50 : 0, next.due - now, tokens >= 1 ? 0 : Math.ceil(1000 / rate))
+    if (timer !== undefined) {
+      if (timerAt <= now + wait) return
+      clearTimeout(timer)
+    }
+    timerAt = now + wait
     timer = setTimeout(tick, wait)
     timer.unref()
   }
