@@ -142,6 +142,7 @@ describe('mesh DHT content routing (20 nodes, routing dht, no inventory exchange
         }))
       }
       round++
+      if (pending.size > 0) await new Promise(resolve => setTimeout(resolve, 250))
     }
     console.log(`[mesh-dht] ${all.length} digests on ${N} nodes; provided within ${provideMs} ms; all found after ${Date.now() - t0} ms (${round} rounds); ` +
       `first round: found ${foundFirstTry}/${firstTry.length}, lookup p50 ${pct(firstTry, 0.5).toFixed(1)} ms, p99 ${pct(firstTry, 0.99).toFixed(1)} ms`)
