@@ -19,6 +19,8 @@ import type { HoldingsChange } from './inventory.js'
 import type { PeerHolder } from './types.js'
 
 export const DHT_PROTOCOL = '/pullmesh/kad/1.0.0'
+const DEFAULT_REPROVIDE_MS = 22 * 3600_000
+const DEFAULT_VALIDITY_MS = 48 * 3600_000
 
 /**
  * gossip: full inventory with every connected peer plus gossip announcements (every lookup is local).
@@ -31,9 +33,15 @@ export const ROUTING_MODES: readonly RoutingMode[] = ['gossip', 'dht', 'both']
 export interface DhtOptions {
   /** How long a lookup may take before the caller moves on (default 300 ms). */
   lookupMs?: number
-  /** Each provided digest is provided again after this, ±25 % (default 3 h). */
+  /**
+   * Each provided digest is provided again after this, ±25 % (default 22 h, as IPFS does). A provide is a
+   * lookup plus up to 20 ADD_PROVIDER messages, so this period sets the idle DHT traffic of a large store.
+   */
   reprovideMs?: number
-  /** How long a provider record lives at the peers that store it (default 2 × reprovideMs). */
+  /**
+   * How long a provider record lives at the peers that store it (default 48 h). A removed blob can be named
+   * by a record until then: the node asked answers 404 and the next source is tried.
+   */
   validityMs?: number
   /** Provides started per second at most (default 20): a large store is provided over a while, never in one burst. */
   providesPerSec?: number
@@ -46,8 +54,8 @@ export interface DhtOptions {
 
 /** The libp2p services the DHT needs (kad-dht uses ping to check old routing-table contacts). */
 export function dhtServices (o: DhtOptions = {}): { dht: (components: any) => KadDHT, ping: (components: any) => Ping } {
-  const reprovideMs = o.reprovideMs ?? 3 * 3600_000
-  const validityMs = o.validityMs ?? 2 * reprovideMs
+  const reprovideMs = o.reprovideMs ?? DEFAULT_REPROVIDE_MS
+  const validityMs = o.validityMs ?? (o.reprovideMs === undefined ? DEFAULT_VALIDITY_MS : 2 * reprovideMs)
   return {
     dht: kadDHT({
       protocol: DHT_PROTOCOL,
@@ -128,7 +136,7 @@ export function createRouting (components: { logger: Logger, node: DhtNode, inde
   const log = components.logger.child({ component: 'routing' })
   const { node, index } = components
   const lookupMs = init.lookupMs ?? 300
-  const reprovideMs = init.reprovideMs ?? 3 * 3600_000
+  const reprovideMs = init.reprovideMs ?? DEFAULT_REPROVIDE_MS
   const rate = init.providesPerSec ?? 20
   const concurrency = init.provideConcurrency ?? 4
   const maxHolders = init.maxHolders ?? 3

@@ -27,10 +27,10 @@ interface TestNode { mesh: MeshNode, store: BlobStore, dataDir: string, dataPort
 type Dht = typeof DHT | typeof SHORT
 let basePort = 41_000 + Math.floor(Math.random() * 10_000)
 
-async function putBlob (store: BlobStore, alg: 'sha256' | 'sha512' = 'sha256'): Promise<Digest> {
+async function putBlob (store: BlobStore, alg: 'sha256' | 'sha512' = 'sha256', priv = false): Promise<Digest> {
   const buf = randomBytes(64)
   const d = alg === 'sha256' ? sha256Of(buf) : `sha512:${createHash('sha512').update(buf).digest('hex')}` as Digest
-  await store.putBuffer(d, buf, { mediaType: LAYER })
+  await store.putBuffer(d, buf, { mediaType: LAYER, ...(priv ? { private: true } : {}) })
   return d
 }
 
@@ -197,4 +197,15 @@ describe(`mesh DHT content routing: withdrawal and re-providing (${SMALL} nodes,
     expect(await finds(kept)).toBe(true)
     expect(await finds(gone)).toBe(false)
   }, 60_000)
+
+  it('content pulled with credentials is never provided', async () => {
+    const holder = nodes[1]!
+    const from = asker(nodes, holder, 2)
+    const secret = await putBlob(holder.store, 'sha256', true)
+    const sentinel = await putBlob(holder.store)
+    const finds = async (d: Digest): Promise<boolean> => (await from.mesh.findHolders(d, { deadlineMs: 3_000 })).some(h => h.peerId === holder.id)
+    // The public blob added after it is found: the private one would have been provided by then.
+    await waitFor('the public sentinel is found', async () => await finds(sentinel), 15_000)
+    expect(await finds(secret)).toBe(false)
+  }, 30_000)
 })
