@@ -52,7 +52,11 @@ export interface DhtOptions {
   disjointPaths?: number
 }
 
-/** The libp2p services the DHT needs (kad-dht uses ping to check old routing-table contacts). */
+/**
+ * The libp2p services the DHT needs (kad-dht uses ping to check old routing-table contacts). The factories take
+ * `any` components: the node's service map has them as optional (mode gossip has none), which kad-dht's own
+ * component types do not accept.
+ */
 export function dhtServices (o: DhtOptions = {}): { dht: (components: any) => KadDHT, ping: (components: any) => Ping } {
   const reprovideMs = o.reprovideMs ?? DEFAULT_REPROVIDE_MS
   const validityMs = o.validityMs ?? (o.reprovideMs === undefined ? DEFAULT_VALIDITY_MS : 2 * reprovideMs)
