@@ -246,14 +246,13 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     })
     node = n
     selfId = n.peerId.toString()
+    routing = mode !== 'gossip' ? createRouting({ logger: log, node: n as Libp2p<{ dht: KadDHT }>, index }, init.dht ?? {}) : undefined
     const inv = createInventory({ logger: log, holdings, index, node: () => node }, { dataPort: init.dataPort, upstreams: upstreamIds, epoch: String(epoch), entryTtlMs })
     const ann = createAnnouncer({ logger: log, index, node: () => node, onWithdraw: id => inv.forgetPeer(id), onPeerAddrs: learnedPeer }, {
       dataPort: init.dataPort, upstreams: upstreamIds, addrs: helloAddrs, epoch, ...(init.gossipLimits !== undefined ? { limits: init.gossipLimits } : {}),
     })
     inventory = inv
     announce = ann
-    const dhtNode = n as Libp2p<{ dht: KadDHT }>
-    routing = mode !== 'gossip' ? createRouting({ logger: log, node: dhtNode, index }, init.dht ?? {}) : undefined
     membership = createMembership({ logger: components.logger, node: n }, { bootstrap: init.bootstrap, mdns: init.mdns })
     await n.handle(INVENTORY_PROTOCOL, inv.serve, { maxInboundStreams: 4, maxOutboundStreams: 4 })
     n.addEventListener('connection:open', onConnectionOpen)
