@@ -65,6 +65,10 @@ export interface Config {
     peerMinRate: { bytesPerSec: number, windowMs: number }
     /** Misses that another node is chosen to fetch are asked of it instead of the upstream. */
     delegate: boolean
+    /** Who holds a digest: 'gossip' (full inventory), 'dht' (Kademlia provider records) or 'both'. */
+    routing: 'gossip' | 'dht' | 'both'
+    /** A DHT lookup that has found nobody by then gives up (the next source is tried). */
+    dhtDeadlineMs: number
   }
 }
 
@@ -92,6 +96,8 @@ export interface RawSettings {
   peerMinRate?: string
   peerRateWindow?: string
   delegate?: boolean | string
+  routing?: string
+  dhtDeadline?: string
   upstreamConnectTimeout?: string
   upstreamHeadersTimeout?: string
   upstreamBodyTimeout?: string
@@ -129,6 +135,8 @@ export const ENV_VARS: Record<string, keyof RawSettings> = {
   PULLMESH_PEER_MIN_RATE: 'peerMinRate',
   PULLMESH_PEER_RATE_WINDOW: 'peerRateWindow',
   PULLMESH_DELEGATE: 'delegate',
+  PULLMESH_ROUTING: 'routing',
+  PULLMESH_DHT_DEADLINE: 'dhtDeadline',
   PULLMESH_UPSTREAM_CONNECT_TIMEOUT: 'upstreamConnectTimeout',
   PULLMESH_UPSTREAM_HEADERS_TIMEOUT: 'upstreamHeadersTimeout',
   PULLMESH_UPSTREAM_BODY_TIMEOUT: 'upstreamBodyTimeout',
@@ -156,6 +164,8 @@ export const DEFAULTS = {
   peerTimeout: '500ms',
   peerMinRate: '64KiB',
   peerRateWindow: '5s',
+  routing: 'both',
+  dhtDeadline: '300ms',
   upstreamConnectTimeout: '10s',
   upstreamHeadersTimeout: '30s',
   upstreamBodyTimeout: '60s',
@@ -207,6 +217,8 @@ const fileSchema = z.object({
   peerMinRate: z.union([z.string(), z.number()]),
   peerRateWindow: z.union([z.string(), z.number()]),
   delegate: z.boolean(),
+  routing: z.string(),
+  dhtDeadline: z.union([z.string(), z.number()]),
   upstreamConnectTimeout: z.union([z.string(), z.number()]),
   upstreamHeadersTimeout: z.union([z.string(), z.number()]),
   upstreamBodyTimeout: z.union([z.string(), z.number()]),
@@ -261,6 +273,8 @@ export function settingsFromFile (path: string, problems: string[]): RawSettings
     peerMinRate: str(d.peerMinRate),
     peerRateWindow: str(d.peerRateWindow),
     delegate: d.delegate,
+    routing: d.routing,
+    dhtDeadline: str(d.dhtDeadline),
     upstreamConnectTimeout: str(d.upstreamConnectTimeout),
     upstreamHeadersTimeout: str(d.upstreamHeadersTimeout),
     upstreamBodyTimeout: str(d.upstreamBodyTimeout),
@@ -364,6 +378,9 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
   const peerMinRate = parseSize(s.peerMinRate ?? '')
   if (peerMinRate === undefined) problems.push(`peer-min-rate: expected bytes per second such as 64KiB or 0 (off), got "${s.peerMinRate}"`)
   const peerRateWindowMs = dur('peer-rate-window', s.peerRateWindow, 100)
+  const routing = s.routing
+  if (routing !== 'gossip' && routing !== 'dht' && routing !== 'both') problems.push(`routing: expected gossip, dht or both, got "${routing}"`)
+  const dhtDeadlineMs = dur('dht-deadline', s.dhtDeadline, 10)
   const connectMs = dur('upstream-connect-timeout', s.upstreamConnectTimeout, 10)
   const headersMs = dur('upstream-headers-timeout', s.upstreamHeadersTimeout, 10)
   const bodyIdleMs = dur('upstream-body-timeout', s.upstreamBodyTimeout, 10)
@@ -463,6 +480,8 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
       peerTimeoutMs,
       peerMinRate: { bytesPerSec: peerMinRate ?? 0, windowMs: peerRateWindowMs },
       delegate,
+      routing: routing as Config['mesh']['routing'],
+      dhtDeadlineMs,
     },
   }
   return deepFreeze(config)

@@ -150,6 +150,8 @@ export function createDaemon (config: Readonly<Config>, components: { logger: Lo
       peerExchange: config.mesh.peerExchange,
       dataPort,
       upstreams: config.mesh.delegate ? sharedUpstreamIds : [],
+      routing: config.mesh.routing,
+      dht: { lookupMs: config.mesh.dhtDeadlineMs },
       ...(meshKey !== undefined ? { meshKey } : {}),
     })
     await mesh.start()

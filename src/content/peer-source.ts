@@ -178,11 +178,47 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
     }
   }
 
+  /**
+   * A cold miss that no peer in the local index holds: the mesh's content routing (the DHT) is asked for
+   * holders, for at most its lookup deadline, and they are tried in turn. A provider record outlives a
+   * removal until it expires, so a holder that answers 404 is skipped without a penalty.
+   */
+  function routedSource (digest: Digest): FillSource {
+    let found: PeerHolder[] | undefined
+    let current: PeerHolder | undefined
+    return {
+      label: 'peer:routed',
+      kind: 'peer',
+      streamable: true,
+      resumable: true,
+      ...(minRate !== undefined ? { minRate } : {}),
+      open: async (signal, from) => {
+        found ??= (await mesh.findHolders(digest, { signal })).slice(0, maxPeers)
+        for (;;) {
+          current = found.shift()
+          if (current === undefined) return undefined
+          try {
+            const r = await get(current, digest, signal, from)
+            if (r !== undefined) return r
+            metrics.peerErrors.inc({ reason: 'missing' })
+          } catch (err) {
+            if (signal.aborted) throw err
+            fail(current, digest, err)
+          }
+        }
+      },
+      onFailure: (err) => { if (current !== undefined) fail(current, digest, err) },
+      onSuccess: () => { if (current !== undefined) mesh.report(current.peerId, 'good') },
+      onBytes: (n) => metrics.peerBytes.inc({ direction: 'in' }, n),
+    }
+  }
+
   return {
     blobSources (digest: Digest): FillSource[] {
       const holders = mesh.holders(digest).slice(0, maxPeers)
       const held = new Set(holders.map(h => h.peerId))
       const fillers = mesh.fillers(digest).filter(f => !held.has(f.peerId)).slice(0, maxPeers)
+      if (holders.length === 0 && fillers.length === 0) return [routedSource(digest)]
       return [...holders.map(p => holderSource(p, digest, false)), ...fillers.map(p => holderSource(p, digest, true))]
     },
 
@@ -256,7 +292,8 @@ export function createPeerContent (components: { mesh: Mesh, metrics: Metrics, l
     fillingEnded: (digest, ok) => mesh.fillingEnded(digest, ok),
 
     async fetchSmall (digest: Digest, maxBytes: number, signal?: AbortSignal): Promise<Buffer | undefined> {
-      for (const peer of mesh.holders(digest).slice(0, maxPeers)) {
+      // The local index first; the mesh's content routing (bounded by its deadline) when it knows nobody.
+      for (const peer of (await mesh.findHolders(digest, signal !== undefined ? { signal } : {})).slice(0, maxPeers)) {
         try {
           const r = await get(peer, digest, signal)
           if (r === undefined) { mesh.report(peer.peerId, 'missing'); continue }

@@ -23,12 +23,14 @@ import { createDnsDiscovery, type DnsDiscovery } from './dns-discovery.js'
 import { createMembership, type Membership } from './membership.js'
 import { createAnnouncer, gossipScoring, nextEpoch, type AnnounceCounters, type Announcer } from './announce.js'
 import { createInventory, LocalHoldings, type Inventory, type InventoryCounters } from './inventory.js'
+import { agentFor, createRouting, dhtServices, type Routing, type RoutingCounters } from './routing.js'
+import type { KadDHT } from '@libp2p/kad-dht'
 import type { Mesh, MeshInit, MeshStatus, PeerHolder, PeerTagRecord, PeerOutcome } from './types.js'
 
 export interface MeshComponents { logger: Logger, metrics: Metrics, store: BlobStore }
 
 /** Counters for tests and diagnostics. */
-export interface MeshCounters extends AnnounceCounters, InventoryCounters {
+export interface MeshCounters extends AnnounceCounters, InventoryCounters, Partial<RoutingCounters> {
   duplicateConnectionsClosed: number
   /** Index entries evicted, and refused, because the index budget was full; peers evicted from full slots. */
   indexEvicted: number
@@ -56,7 +58,7 @@ export function generateMeshKey (): Uint8Array {
   return key
 }
 
-type Node = Libp2p<{ identify: Identify, pubsub: GossipSub }>
+type Node = Libp2p<{ identify: Identify, pubsub: GossipSub, dht?: KadDHT }>
 
 /** The IP address in a connection's remote multiaddr, if it has one. */
 function hostOf (conn: Connection): string | undefined {
@@ -88,6 +90,11 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
   /** Created at start (they carry this run's epoch). */
   let announce: Announcer | undefined
   let inventory: Inventory | undefined
+  /** The DHT side of content routing (routing 'dht' or 'both'); see ./routing.ts. */
+  let routing: Routing | undefined
+  const mode = init.routing ?? 'both'
+  /** Full inventory and per-blob gossip: off when the DHT alone carries blob routing. */
+  const fullInventory = mode !== 'dht'
 
   let dnsDiscovery: DnsDiscovery | undefined
   const pexTried = new Map<string, number>()
@@ -98,11 +105,13 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
   /** Fills of ours that peers were told about (digest → size, when last announced). */
   const fillingNow = new Map<Digest, { size: number, at: number }>()
   const updatePeerGauge = (): void => { if (node !== undefined) metrics.peersConnected.set(node.getPeers().length) }
-  const inventoryOnConnect = async (peerId: PeerId): Promise<void> => { await inventory?.onConnect(peerId) }
+  const inventoryOnConnect = async (peerId: PeerId): Promise<void> => { if (fullInventory) await inventory?.onConnect(peerId) }
 
   function onStoreEvent (e: StoreEvent): void {
     const change = holdings.apply(e)
-    if (change !== undefined) announce?.queue(change)
+    if (change === undefined) return
+    if (fullInventory || change.type === 'tag') announce?.queue(change)
+    routing?.onChange(change)
   }
 
   // ---- connections -----------------------------------------------------------------------
@@ -135,7 +144,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
   function periodicInventory (): void {
     const n = node
     if (n === undefined || state !== 'started') return
-    for (const peerId of n.getPeers()) void inventory?.refresh(peerId)
+    if (fullInventory) for (const peerId of n.getPeers()) void inventory?.refresh(peerId)
     announce?.hello()
     // A fill that runs for longer than its record's lifetime is announced again.
     const t = Date.now()
@@ -213,6 +222,8 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     const n: Node = await createLibp2p({
       start: false,
       privateKey: key,
+      // The identify agent carries our data port, for peers that find us in the DHT (routing.ts).
+      nodeInfo: { userAgent: agentFor(init.dataPort) },
       addresses: { listen: init.listen },
       transports: [tcp()],
       connectionEncrypters: [noise()],
@@ -230,10 +241,12 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
           ...(init.gossipSeenTtlMs !== undefined ? { seenTTL: init.gossipSeenTtlMs } : {}),
           ...gossipScoring(peerId => index.score(peerId, Date.now())),
         }),
+        ...(mode !== 'gossip' ? dhtServices(init.dht) : {}),
       },
     })
     node = n
     selfId = n.peerId.toString()
+    routing = mode !== 'gossip' ? createRouting({ logger: log, node: n as Libp2p<{ dht: KadDHT }>, index }, init.dht ?? {}) : undefined
     const inv = createInventory({ logger: log, holdings, index, node: () => node }, { dataPort: init.dataPort, upstreams: upstreamIds, epoch: String(epoch), entryTtlMs })
     const ann = createAnnouncer({ logger: log, index, node: () => node, onWithdraw: id => inv.forgetPeer(id), onPeerAddrs: learnedPeer }, {
       dataPort: init.dataPort, upstreams: upstreamIds, addrs: helloAddrs, epoch, ...(init.gossipLimits !== undefined ? { limits: init.gossipLimits } : {}),
@@ -271,6 +284,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     await membership.start()
     ann.start()
     ann.hello()
+    routing?.start(holdings.listBlobs())
     if ((init.bootstrapDns ?? []).length > 0) {
       dnsDiscovery = createDnsDiscovery({
         logger: log,
@@ -303,6 +317,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
       }
       state = 'stopping'
       stopCtl.abort()
+      routing?.stop()
       await membership?.stop()
       if (announce !== undefined) n.services.pubsub.removeEventListener('message', announce.onMessage)
       n.removeEventListener('connection:open', onConnectionOpen)
@@ -326,6 +341,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
       starting = doStart().catch(async (err: unknown) => {
         state = 'stopping'
         stopCtl.abort()
+        routing?.stop()
         unsubscribeStore?.()
         unsubscribeStore = undefined
         try { await membership?.stop() } catch { /* already failing */ }
@@ -380,6 +396,12 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
       return index.holders(digest, Date.now())
     },
 
+    async findHolders (digest: Digest, o: { signal?: AbortSignal, deadlineMs?: number } = {}): Promise<PeerHolder[]> {
+      const local = index.holders(digest, Date.now())
+      if (local.length > 0 || routing === undefined || state !== 'started') return local
+      return await routing.find(digest, o)
+    },
+
     tagRecords (upstream: string, repo: string, tag: string): PeerTagRecord[] {
       return index.tagRecords(upstream, repo, tag, Date.now())
     },
@@ -415,6 +437,7 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
         ...a, ...i, duplicateConnectionsClosed: membership?.counters().duplicateConnectionsClosed ?? 0,
         indexEvicted: index.evictions.evicted, indexRefused: index.evictions.refused, indexPeersEvicted: index.evictions.peersEvicted,
         indexBytes: mem.used, indexMaxBytes: mem.max,
+        ...(routing?.counters() ?? {}),
       }
     },
   }

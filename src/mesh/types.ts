@@ -1,5 +1,6 @@
 import type { Digest } from '../oci/digest.js'
 import type { TagRecord } from '../store/types.js'
+import type { DhtOptions, RoutingMode } from './routing.js'
 
 /** A peer that announced it holds some content, and where its data path listens. */
 export interface PeerHolder { peerId: string, dataUrl: string }
@@ -41,6 +42,12 @@ export interface Mesh {
   stop (): Promise<void>
   /** Peers that hold `digest`, best first (score, then connected). Reads only the local index: never waits on the network. */
   holders (digest: Digest): PeerHolder[]
+  /**
+   * Peers that hold `digest`: the local index at once when it knows any, else the DHT (routing 'dht' or
+   * 'both'), asked for at most `deadlineMs` (default: the mesh's DHT lookup deadline). [] on a miss.
+   * Rejects only when `signal` aborts.
+   */
+  findHolders (digest: Digest, o?: { signal?: AbortSignal, deadlineMs?: number }): Promise<PeerHolder[]>
   /** Tags peers announced for upstream/repo; local index only. */
   repoTags (upstream: string, repo: string): string[]
   /** Connected peers that are filling `digest` now and can stream it; local index only. */
@@ -92,4 +99,8 @@ export interface MeshInit {
   gossipLimits?: { messagesPerSec?: number, messagesBurst?: number, bytesPerSec?: number, bytesBurst?: number, forwarderFactor?: number }
   /** How long gossipsub remembers a message id (default 2 min); replays after it are stopped by the sequence check. For tests. */
   gossipSeenTtlMs?: number
+  /** Content routing: 'gossip' (full inventory), 'dht' or 'both' (default); see ./routing.ts. */
+  routing?: RoutingMode
+  /** DHT lookup deadline and (re-)provide pacing. */
+  dht?: DhtOptions
 }

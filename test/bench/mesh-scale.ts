@@ -19,6 +19,8 @@
 //              [--bootstrap all|3] (every running node, or 3 random ones and peer exchange)
 //              [--one-ip] (every dial from 127.0.0.1, as libp2p's per-host inbound limit sees it)
 //              [--log-level debug] (the nodes' logs, to stdout)
+//              [--routing dht] (no inventory exchange; lookups are DHT lookups: --dht-lookup-ms 300 deadline,
+//              --dht-lookups 300 of them in all, spread over the nodes, one at a time per node)
 // In the bench: npm run bench -- --only meshscale   (smoke: N=5, a few seconds per window)
 // Results: test/bench/results/mesh-scale.{md,json} (standalone) and the bench's own table.
 // Every worker is stopped by its PID, every temp dir removed, also on failure; every loop is bounded.
@@ -65,10 +67,18 @@ export interface ScaleOptions {
   distinctIps: boolean
   /** The nodes' pino level (their logs go to stdout); silent unless diagnosing. */
   logLevel?: string
+  /**
+   * Content routing of every node: gossip (full inventory, lookups read the local index), or dht (no
+   * inventory exchange; lookups are DHT lookups with a deadline of dhtLookupMs, dhtLookups of them in all).
+   */
+  routing?: 'gossip' | 'dht'
+  dhtLookupMs?: number
+  dhtLookups?: number
 }
 
 export interface ScaleResult {
   n: number
+  routing?: 'gossip' | 'dht'
   k: number
   bootstrapPeers: number
   distinctIps: boolean
@@ -243,7 +253,7 @@ export async function simulate (n: number, o: ScaleOptions): Promise<ScaleResult
 
     // Stores, pre-filled.
     const t0 = performance.now()
-    const inits = await Promise.all(workers.map(async wk => await wk.request({ op: 'init', run: runId, nodes: wk.nodes, k: o.k, dir: join(dir, `w${wk.child.pid}`) }, 120_000 + 20 * o.k * wk.nodes.length)))
+    const inits = await Promise.all(workers.map(async wk => await wk.request({ op: 'init', run: runId, nodes: wk.nodes, k: o.k, dir: join(dir, `w${wk.child.pid}`), routing: o.routing ?? 'gossip', ...(o.dhtLookupMs !== undefined ? { dhtLookupMs: o.dhtLookupMs } : {}) }, 120_000 + 20 * o.k * wk.nodes.length)))
     o.log(`    N=${n}: ${w} worker(s), ${n}×${o.k} blobs stored in ${((performance.now() - t0) / 1000).toFixed(1)} s`)
 
     // Starts, in waves; each node bootstraps from up to 3 random running nodes.
@@ -294,7 +304,8 @@ export async function simulate (n: number, o: ScaleOptions): Promise<ScaleResult
     const sample = (count: number, pick: () => { node: number, j: number }): Array<{ digest: Digest, holder: string, node: number }> =>
       Array.from({ length: count }, () => { const p = pick(); return { digest: simBlob(runId, p.node, p.j).digest, holder: peerIds[p.node]!, node: p.node } })
     const doLookups = async (samples: Array<{ digest: Digest, holder: string, node: number }>): Promise<{ lat: number[], asked: number, found: number }> => {
-      const rs = await Promise.all(workers.map(async wk => await wk.request({ op: 'lookup', samples }, 120_000)))
+      const perNode = o.routing === 'dht' ? Math.max(1, Math.ceil((o.dhtLookups ?? 300) / n)) : undefined
+      const rs = await Promise.all(workers.map(async wk => await wk.request({ op: 'lookup', samples, ...(perNode !== undefined ? { perNode } : {}) }, 600_000)))
       return { lat: rs.flatMap(r => Array.from(r.latenciesNs)), asked: rs.reduce((s, r) => s + r.asked, 0), found: rs.reduce((s, r) => s + r.found, 0) }
     }
     const stat = await doLookups(sample(o.samples, () => ({ node: randomInt(n), j: randomInt(o.k) })))
@@ -342,7 +353,7 @@ export async function simulate (n: number, o: ScaleOptions): Promise<ScaleResult
     const ttf = finalNodes.filter(x => x.index !== 0).map(x => x.ttfMs).filter((x): x is number => x !== undefined)
     const lat = stat.lat.map(x => x / 1000)
     return {
-      n, k: o.k, bootstrapPeers: o.bootstrapPeers, distinctIps: o.distinctIps, workers: w, load: { before: loadBefore, after: loadavg().map(x => Math.round(x * 100) / 100) },
+      n, ...(o.routing !== undefined ? { routing: o.routing } : {}), k: o.k, bootstrapPeers: o.bootstrapPeers, distinctIps: o.distinctIps, workers: w, load: { before: loadBefore, after: loadavg().map(x => Math.round(x * 100) / 100) },
       startMs, ...(fullMeshMs !== undefined ? { fullMeshMs } : {}), connectedMin: Math.min(...conn), connectedMedian: median(conn),
       memory: {
         rssPerNode: rss / n, meshRssPerNode: meshRss / n, heapPerNode: heap / n, meshHeapPerNode: meshHeap / n,
@@ -377,11 +388,11 @@ const f1 = (x: number | undefined, d = 1): string => x === undefined ? '—' : x
 
 export function tableMarkdown (rs: ScaleResult[]): string {
   const lines = [
-    '| N | bootstrap | workers | load (1 min) | full mesh after last start | RSS/node (mesh only) | heap/node (mesh only) | index bytes/node | idle KiB/min/node | churn KiB/min/node | time to find p50 / p99 | holders() p50 / p99 | findable (static / after churn) | stale after delete |',
+    '| N | bootstrap | workers | load (1 min) | full mesh after last start | RSS/node (mesh only) | heap/node (mesh only) | index bytes/node | idle KiB/min/node | churn KiB/min/node | time to find p50 / p99 | lookup (holders() or, routing dht, findHolders()) p50 / p99 | findable (static / after churn) | stale after delete |',
     '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
   ]
   for (const r of rs) {
-    lines.push(`| ${r.n} | ${r.bootstrapPeers === 0 ? 'all' : r.bootstrapPeers}${r.distinctIps ? '' : ', one IP'} | ${r.workers} | ${r.load.before[0]}→${r.load.after[0]} | ${r.fullMeshMs !== undefined ? `${f1(r.fullMeshMs / 1000)} s` : `no (min ${r.connectedMin} conns)`} | ` +
+    lines.push(`| ${r.n} | ${r.bootstrapPeers === 0 ? 'all' : r.bootstrapPeers}${r.distinctIps ? '' : ', one IP'}${r.routing === 'dht' ? ', routing dht' : ''} | ${r.workers} | ${r.load.before[0]}→${r.load.after[0]} | ${r.fullMeshMs !== undefined ? `${f1(r.fullMeshMs / 1000)} s` : `no (min ${r.connectedMin} conns)`} | ` +
       `${f1(r.memory.rssPerNode / MiB)} MiB (${f1(r.memory.meshRssPerNode / MiB)}) | ${f1(r.memory.heapPerNode / MiB)} MiB (${f1(r.memory.meshHeapPerNode / MiB)}) | ${f1(r.memory.indexBytesPerNode / MiB, 2)} MiB | ` +
       `${f1(r.idle.bytesPerMinPerNode / KiB)} | ${f1(r.churn.bytesPerMinPerNode / KiB)} (${f1(r.churn.addsPerNodePerMin, 0)} adds+deletes/min) | ` +
       `${f1(r.ttfMs.p50, 0)} / ${f1(r.ttfMs.p99, 0)} ms (${r.ttfMs.found}/${r.ttfMs.probes}) | ${f1(r.lookupUs.p50, 1)} / ${f1(r.lookupUs.p99, 1)} µs | ` +
@@ -499,6 +510,7 @@ async function main (): Promise<number> {
     nodes, k: num('--k', 500), idleMs: num('--idle', 60) * 1000, churnMs: num('--churn', 60) * 1000, churnPerMin: num('--churn-rate', 20),
     perWorker: num('--per-worker', 25), bootstrapPeers: flag('--bootstrap', 'all') === 'all' ? 0 : num('--bootstrap', 3),
     distinctIps: !argv.includes('--one-ip'), samples: num('--samples', 1000), convergeMs: num('--converge', 120) * 1000, log, scratch, logLevel: flag('--log-level', 'silent'),
+    routing: flag('--routing', 'gossip') === 'dht' ? 'dht' : 'gossip', dhtLookupMs: num('--dht-lookup-ms', 300), dhtLookups: num('--dht-lookups', 300),
   }
   let code = 0
   try {

@@ -136,4 +136,21 @@ describe('config', () => {
       expect(p).not.toContain('secret-material')
     }
   })
+
+  it('content routing: both by default, a DHT deadline of 300 ms; env and flags override; bad values reported', () => {
+    const c = buildConfig({}, env)
+    expect(c.mesh.routing).toBe('both')
+    expect(c.mesh.dhtDeadlineMs).toBe(300)
+    const e = buildConfig(mergeSettings(settingsFromEnv({ PULLMESH_ROUTING: 'dht', PULLMESH_DHT_DEADLINE: '1s' }), {}), env)
+    expect([e.mesh.routing, e.mesh.dhtDeadlineMs]).toEqual(['dht', 1000])
+    expect(buildConfig({ routing: 'gossip' }, env).mesh.routing).toBe('gossip')
+    try {
+      buildConfig({ routing: 'flood', dhtDeadline: 'soon' }, env)
+      expect.unreachable()
+    } catch (err) {
+      const p = (err as ConfigError).problems.join('\n')
+      expect(p).toContain('routing: expected gossip, dht or both')
+      expect(p).toContain('dht-deadline')
+    }
+  })
 })

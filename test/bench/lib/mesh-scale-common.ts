@@ -49,10 +49,11 @@ export interface NodeSnapshot {
 export interface WorkerSnapshot { mem: WorkerMemory, bytes: WorkerBytes, nodes: NodeSnapshot[], cpuUserMs: number, cpuSystemMs: number }
 
 export type Request =
-  | { op: 'init', run: string, nodes: number[], k: number, dir: string }
+  | { op: 'init', run: string, nodes: number[], k: number, dir: string, routing?: 'gossip' | 'dht' | 'both', dhtLookupMs?: number }
   | { op: 'start', index: number, bootstrap: string[], probe?: { digest: Digest, holder: string }, probeTimeoutMs: number }
   | { op: 'snapshot', gc: boolean }
-  | { op: 'lookup', samples: Array<{ digest: Digest, holder: string, node: number }> }
+  /** perNode: with routing dht, each node looks up at most this many of the samples (a DHT lookup costs a network round). */
+  | { op: 'lookup', samples: Array<{ digest: Digest, holder: string, node: number }>, perNode?: number }
   | { op: 'churn', adds: number, periodMs: number }
   | { op: 'stop' }
 

@@ -28,6 +28,8 @@ const logger = createLogger((process.argv[3] ?? 'silent') as 'silent')
 const nodes = new Map<number, SimNode>()
 let run = ''
 let k = 0
+let routing: 'gossip' | 'dht' | 'both' = 'gossip'
+let dhtLookupMs = 300
 
 // ---- distinct source addresses ------------------------------------------------------------
 
@@ -80,6 +82,8 @@ async function init (r: Extract<Request, { op: 'init' }>): Promise<Reply> {
   const before = memory(true)
   run = r.run
   k = r.k
+  routing = r.routing ?? 'gossip'
+  dhtLookupMs = r.dhtLookupMs ?? 300
   await mkdir(r.dir, { recursive: true })
   for (const index of r.nodes) {
     const dir = join(r.dir, `node-${index}`)
@@ -104,6 +108,8 @@ async function start (r: Extract<Request, { op: 'start' }>): Promise<Reply> {
     bootstrap: r.bootstrap,
     mdns: false,
     dataPort: 1, // the data path is not simulated: nothing fetches bytes here
+    routing,
+    dht: { lookupMs: dhtLookupMs },
   })
   n.mesh = mesh
   const t0 = performance.now()
@@ -112,13 +118,15 @@ async function start (r: Extract<Request, { op: 'start' }>): Promise<Reply> {
   const probe = r.probe
   if (probe !== undefined) {
     // Time to the first holder of a digest another (already running) node holds: polled every 5 ms, bounded.
-    const poll = (): void => {
+    // With routing dht: findHolders (a DHT lookup, at most its deadline) every 250 ms.
+    const poll = async (): Promise<void> => {
+      const hs = routing === 'dht' ? await mesh.findHolders(probe.digest).catch(() => []) : mesh.holders(probe.digest)
       const now = performance.now()
-      if (mesh.holders(probe.digest).some(h => h.peerId === probe.holder)) { n.ttfMs = now - t0; n.probeTimer = undefined; return }
-      if (now - t0 > r.probeTimeoutMs) { n.probeTimer = undefined; return }
-      n.probeTimer = setTimeout(poll, 5)
+      if (hs.some(h => h.peerId === probe.holder)) { n.ttfMs = now - t0; n.probeTimer = undefined; return }
+      if (now - t0 > r.probeTimeoutMs || n.mesh === undefined) { n.probeTimer = undefined; return }
+      n.probeTimer = setTimeout(() => { void poll() }, routing === 'dht' ? 250 : 5)
     }
-    poll()
+    void poll()
   }
   return { op: 'start', addr: mesh.multiaddrs()[0] ?? '', peerId: mesh.peerId() }
 }
@@ -151,16 +159,18 @@ function snapshot (gc: boolean): Reply {
   return { op: 'snapshot', snapshot: { mem: memory(gc), bytes: bytes(), nodes: list, cpuUserMs: cpu.user / 1000, cpuSystemMs: cpu.system / 1000 } }
 }
 
-function lookup (r: Extract<Request, { op: 'lookup' }>): Reply {
+async function lookup (r: Extract<Request, { op: 'lookup' }>): Promise<Reply> {
   const lat: number[] = []
   let asked = 0; let found = 0; let anyHolder = 0
   for (const n of nodes.values()) {
     const mesh = n.mesh
     if (mesh === undefined) continue
-    for (const s of r.samples) {
+    // With routing dht, each node asks a different slice of the samples, at most perNode, one at a time.
+    const mine = r.perNode === undefined ? r.samples : Array.from({ length: Math.min(r.perNode, r.samples.length) }, (_, i) => r.samples[(n.index * r.perNode! + i) % r.samples.length]!)
+    for (const s of mine) {
       if (s.node === n.index) continue // our own content is not in the peer index
       const t0 = process.hrtime.bigint()
-      const hs = mesh.holders(s.digest as Digest)
+      const hs = routing === 'dht' ? await mesh.findHolders(s.digest as Digest) : mesh.holders(s.digest as Digest)
       lat.push(Number(process.hrtime.bigint() - t0))
       asked++
       if (hs.length > 0) anyHolder++
@@ -222,7 +232,7 @@ async function handle (r: Request): Promise<Reply> {
     case 'init': return await init(r)
     case 'start': return await start(r)
     case 'snapshot': return snapshot(r.gc)
-    case 'lookup': return lookup(r)
+    case 'lookup': return await lookup(r)
     case 'churn': return await churn(r)
     case 'stop': return { op: 'stop', stopped: await stopAll() }
   }
