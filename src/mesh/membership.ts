@@ -263,6 +263,8 @@ export interface Membership {
   counters (): MembershipCounters
   /** The peers tracked for redial (diagnostics). */
   tracked (): Array<Readonly<RedialEntry>>
+  /** How many tracked peers are not connected now. */
+  unconnected (): number
 }
 
 const DEDUPE_RETRY_MS = [2_000, 10_000]
@@ -513,5 +515,10 @@ export function createMembership (components: MembershipComponents, init: Member
     counters () { return { ...counters } },
 
     tracked () { return table.ids().map(id => table.get(id)).filter((e): e is Readonly<RedialEntry> => e !== undefined).map(e => ({ ...e })) },
+    unconnected () {
+      let n = 0
+      for (const id of table.ids()) if (table.get(id)?.connected === false) n++
+      return n
+    },
   }
 }

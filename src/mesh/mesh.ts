@@ -141,6 +141,12 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     log.info({ peer: evt.detail.toString() }, 'peer disconnected')
   }
 
+  /** Some mesh member we know of (tracked for redial, or in the DHT's routing table) is not connected now. */
+  function indexMayMissMembers (): boolean {
+    const connected = node?.getPeers().length ?? 0
+    return (membership?.unconnected() ?? 0) > 0 || (routing?.tableSize() ?? 0) > connected
+  }
+
   function periodicInventory (): void {
     const n = node
     if (n === undefined || state !== 'started') return
@@ -399,6 +405,9 @@ export function createMesh (components: MeshComponents, init: MeshInit): MeshNod
     async findHolders (digest: Digest, o: { signal?: AbortSignal, deadlineMs?: number } = {}): Promise<PeerHolder[]> {
       const local = index.holders(digest, Date.now())
       if (local.length > 0 || routing === undefined || state !== 'started') return local
+      // In `both`, the index already covers every connected peer (full inventory): the DHT can only add a
+      // member we are not connected to. In a small mesh where everyone is connected, a miss costs no lookup.
+      if (fullInventory && !indexMayMissMembers()) return local
       return await routing.find(digest, o)
     },
 

@@ -6,7 +6,7 @@
 // that asks us meanwhile gets a 404 from the data path and moves on). Re-providing is spread in time.
 import { createHash } from 'node:crypto'
 import { setMaxListeners } from 'node:events'
-import { kadDHT, passthroughMapper, type KadDHT } from '@libp2p/kad-dht'
+import { kadDHT, passthroughMapper, type KadDHT, type SingleKadDHT } from '@libp2p/kad-dht'
 import { ping, type Ping } from '@libp2p/ping'
 import { CID } from 'multiformats/cid'
 import { create as createMultihash } from 'multiformats/hashes/digest'
@@ -129,6 +129,8 @@ export interface Routing {
   onChange (change: HoldingsChange): void
   /** Providers of `digest` (never us), as holders we can reach on the data path; [] on a miss or at the deadline. */
   find (digest: Digest, o?: { signal?: AbortSignal, deadlineMs?: number }): Promise<PeerHolder[]>
+  /** Peers in the DHT's routing table (connected or not). */
+  tableSize (): number
   counters (): RoutingCounters
 }
 
@@ -406,6 +408,8 @@ export function createRouting (components: { logger: Logger, node: DhtNode, inde
       if (out.length > 0) counters.dhtLookupHits++
       return out.slice()
     },
+
+    tableSize: () => (node.services.dht as Partial<SingleKadDHT>).routingTable?.size ?? 0,
 
     counters: () => ({ ...counters }),
   }

@@ -34,7 +34,7 @@ async function putBlob (store: BlobStore, alg: 'sha256' | 'sha512' = 'sha256', p
   return d
 }
 
-async function startNode (nodes: TestNode[], bootstrap: TestNode[], dht: Dht): Promise<TestNode> {
+async function startNode (nodes: TestNode[], bootstrap: TestNode[], dht: Dht, routing: 'dht' | 'both' = 'dht'): Promise<TestNode> {
   const dataDir = await mkdtemp(join(tmpdir(), 'pullmesh-dht-'))
   const logger = createLogger('silent')
   const metrics = createMetrics()
@@ -50,7 +50,7 @@ async function startNode (nodes: TestNode[], bootstrap: TestNode[], dht: Dht): P
     mdns: false,
     peerExchange: false,
     dataPort,
-    routing: 'dht',
+    routing,
     dht,
   })
   const node: TestNode = { mesh, store, dataDir, dataPort, id: '', addr: '', held }
@@ -208,4 +208,29 @@ describe(`mesh DHT content routing: withdrawal and re-providing (${SMALL} nodes,
     await waitFor('the public sentinel is found', async () => await finds(sentinel), 15_000)
     expect(await finds(secret)).toBe(false)
   }, 30_000)
+})
+
+describe('routing both: the DHT is asked only when a known member is not connected', () => {
+  const nodes: TestNode[] = []
+  afterAll(async () => { await stopMesh(nodes) }, 60_000)
+
+  it('a miss in a fully connected mesh costs no lookup; with a member gone, the DHT is asked', async () => {
+    const a = await startNode(nodes, [], SHORT, 'both')
+    const b = await startNode(nodes, [a], SHORT, 'both')
+    const c = await startNode(nodes, [a, b], SHORT, 'both')
+    await waitFor('a full mesh', () => nodes.every(n => n.mesh.status().peers.filter(p => p.connected).length === 2), 20_000)
+    // b's blob is known to a through full inventory: found locally, no lookup either.
+    await waitFor('a to index b\'s blob', () => a.mesh.holders(b.held[0]!).length > 0, 20_000)
+    const unknown = sha256Of(randomBytes(32))
+    const before = a.mesh.counters().dhtLookups ?? 0
+    expect(await a.mesh.findHolders(unknown)).toEqual([])
+    expect((await a.mesh.findHolders(b.held[0]!)).map(h => h.peerId)).toEqual([b.id])
+    expect(a.mesh.counters().dhtLookups ?? 0).toBe(before)
+
+    // c goes away: a still tracks it (to redial it), so its index may now miss holders, and the DHT is asked.
+    await c.mesh.stop()
+    await waitFor('a to see c gone', () => a.mesh.status().peers.filter(p => p.connected).length === 1, 20_000)
+    expect(await a.mesh.findHolders(unknown, { deadlineMs: 500 })).toEqual([])
+    expect(a.mesh.counters().dhtLookups ?? 0).toBe(before + 1)
+  }, 60_000)
 })
