@@ -164,7 +164,6 @@ export const DEFAULTS = {
   peerTimeout: '500ms',
   peerMinRate: '64KiB',
   peerRateWindow: '5s',
-  routing: 'both',
   dhtDeadline: '300ms',
   upstreamConnectTimeout: '10s',
   upstreamHeadersTimeout: '30s',
@@ -378,8 +377,12 @@ export function buildConfig (raw: RawSettings, env: Record<string, string | unde
   const peerMinRate = parseSize(s.peerMinRate ?? '')
   if (peerMinRate === undefined) problems.push(`peer-min-rate: expected bytes per second such as 64KiB or 0 (off), got "${s.peerMinRate}"`)
   const peerRateWindowMs = dur('peer-rate-window', s.peerRateWindow, 100)
-  const routing = s.routing
+  // The DHT trades peer addresses and dials the peers it learns of (that is how it routes): a node that opts
+  // out of peer exchange runs without it unless told otherwise, and cannot be told both.
+  const peerExchangeOn = bool(s.peerExchange, 'peer-exchange', []) ?? true
+  const routing = s.routing ?? (peerExchangeOn ? 'both' : 'gossip')
   if (routing !== 'gossip' && routing !== 'dht' && routing !== 'both') problems.push(`routing: expected gossip, dht or both, got "${routing}"`)
+  else if (routing !== 'gossip' && !peerExchangeOn) problems.push(`routing: ${routing} uses the DHT, which shares and dials peer addresses; with --no-peer-exchange use --routing gossip`)
   const dhtDeadlineMs = dur('dht-deadline', s.dhtDeadline, 10)
   const connectMs = dur('upstream-connect-timeout', s.upstreamConnectTimeout, 10)
   const headersMs = dur('upstream-headers-timeout', s.upstreamHeadersTimeout, 10)

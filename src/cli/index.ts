@@ -56,7 +56,7 @@ export async function runCli (argv: string[], io: CliIo): Promise<number> {
     .option('--peer-timeout <duration>', 'how long a peer may take to start a transfer (default 500ms)')
     .option('--peer-min-rate <size>', 'a transfer from a peer slower than this per second moves on to the next source; 0 = off (default 64KiB)')
     .option('--peer-rate-window <duration>', 'the window over which --peer-min-rate is measured (default 5s)')
-    .option('--routing <mode>', 'how holders are found: gossip (full inventory with every peer), dht (Kademlia provider records), both (default)')
+    .option('--routing <mode>', 'how holders are found: gossip (full inventory with every peer), dht (Kademlia provider records), both (default; gossip with --no-peer-exchange)')
     .option('--dht-deadline <duration>', 'a DHT lookup that has found no holder by then falls through to the next source (default 300ms)')
     .option('--no-delegate', 'fetch every miss from the upstream directly instead of asking the node chosen to fetch it for the mesh')
     .option('--upstream-connect-timeout <duration>', 'default 10s')

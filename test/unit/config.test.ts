@@ -153,4 +153,12 @@ describe('config', () => {
       expect(p).toContain('dht-deadline')
     }
   })
+
+  it('content routing: --no-peer-exchange runs without the DHT (which trades peer addresses), and refuses to be combined with it', () => {
+    expect(buildConfig({ peerExchange: false }, env).mesh.routing).toBe('gossip')
+    expect(buildConfig({ peerExchange: 'false', routing: 'gossip' }, env).mesh.routing).toBe('gossip')
+    for (const routing of ['dht', 'both']) {
+      expect(() => buildConfig({ peerExchange: false, routing }, env)).toThrow(/with --no-peer-exchange use --routing gossip/)
+    }
+  })
 })
