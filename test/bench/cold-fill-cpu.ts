@@ -9,22 +9,15 @@ import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises'
 import { loadavg, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { curlDownload } from './lib/load.js'
-import { DAEMON_ENTRY, startDistribution, startPassthrough, startPullmesh, stopAll, UPSTREAM_NAME } from './lib/procs.js'
+import { startDistribution, startPassthrough, startPullmesh, stopAll, UPSTREAM_NAME } from './lib/procs.js'
 import { median } from './lib/report.js'
+import { arg, entries as parseEntries } from './lib/args.js'
 import { seedBlob, type SeededBlob } from './lib/seed.js'
 
 const argv = process.argv.slice(2)
-const arg = (n: string, d: string): string => { const i = argv.indexOf(n); return i >= 0 ? argv[i + 1] ?? d : d }
-const size = Number(arg('--size-mib', '256')) * 2 ** 20
-const runs = Number(arg('--runs', '5'))
-const entries: Array<[string, string]> = []
-for (let i = 0; i < argv.length; i++) {
-  if (argv[i] !== '--entry') continue
-  const v = argv[i + 1] ?? ''
-  const eq = v.indexOf('=')
-  entries.push(eq > 0 ? [v.slice(0, eq), v.slice(eq + 1)] : [v, v])
-}
-if (entries.length === 0) entries.push(['pullmesh', DAEMON_ENTRY])
+const size = Number(arg(argv, '--size-mib', '256')) * 2 ** 20
+const runs = Number(arg(argv, '--runs', '5'))
+const entries = parseEntries(argv)
 
 /** CPU seconds (user + system) of a process so far: its main thread, and all other threads. */
 async function cpuOf (pid: number): Promise<{ main: number, rest: number }> {

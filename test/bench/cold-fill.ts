@@ -8,22 +8,15 @@ import { mkdtemp, rm } from 'node:fs/promises'
 import { loadavg, tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { curlDownload } from './lib/load.js'
-import { DAEMON_ENTRY, startDistribution, startPullmesh, stopAll, UPSTREAM_NAME } from './lib/procs.js'
+import { startDistribution, startPullmesh, stopAll, UPSTREAM_NAME } from './lib/procs.js'
 import { median } from './lib/report.js'
+import { arg, entries as parseEntries } from './lib/args.js'
 import { seedBlob, type SeededBlob } from './lib/seed.js'
 
 const argv = process.argv.slice(2)
-const arg = (n: string, d: string): string => { const i = argv.indexOf(n); return i >= 0 ? argv[i + 1] ?? d : d }
-const size = Number(arg('--size-mib', '64')) * 2 ** 20
-const runs = Number(arg('--runs', '5'))
-const entries: Array<[string, string]> = []
-for (let i = 0; i < argv.length; i++) {
-  if (argv[i] !== '--entry') continue
-  const v = argv[i + 1] ?? ''
-  const eq = v.indexOf('=')
-  entries.push(eq > 0 ? [v.slice(0, eq), v.slice(eq + 1)] : [v, v])
-}
-if (entries.length === 0) entries.push(['pullmesh', DAEMON_ENTRY])
+const size = Number(arg(argv, '--size-mib', '64')) * 2 ** 20
+const runs = Number(arg(argv, '--runs', '5'))
+const entries = parseEntries(argv)
 
 interface Inst { name: string, url: (b: SeededBlob) => string, stop: () => Promise<void> }
 const names = [...entries.map(e => e[0]), 'distribution']
