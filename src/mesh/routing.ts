@@ -147,6 +147,9 @@ export function createRouting (components: { logger: Logger, node: DhtNode, inde
   const concurrency = init.provideConcurrency ?? 4
   const maxHolders = init.maxHolders ?? 3
   const retryMs = Math.min(30_000, reprovideMs / 2)
+  /** Failed provides in a row per digest: a provide that reached nobody (a routing table still filling up
+   * just after a peer connected) is retried after 1 s, 2 s, 4 s ... up to retryMs, not after retryMs at once. */
+  const failures = new Map<Digest, number>()
   const counters: RoutingCounters = { dhtProvides: 0, dhtProvideFailures: 0, dhtLookups: 0, dhtLookupHits: 0, dhtProvided: 0 }
 
   /** digest → when it is due to be provided (again); the heap orders them, stale heap entries are skipped. */
@@ -265,7 +268,10 @@ export function createRouting (components: { logger: Logger, node: DhtNode, inde
     if (!running || !due.has(digest)) return
     if (ok) counters.dhtProvided++
     else counters.dhtProvideFailures++
-    schedule(digest, Date.now() + (ok ? jitter(reprovideMs) : jitter(retryMs)))
+    const failed = ok ? 0 : (failures.get(digest) ?? 0) + 1
+    if (failed === 0) failures.delete(digest)
+    else failures.set(digest, failed)
+    schedule(digest, Date.now() + (ok ? jitter(reprovideMs) : jitter(Math.min(retryMs, 1000 * 2 ** (failed - 1)))))
   }
 
   /** A connected peer's identify agent tells its data port (a peer found in the DHT did not exchange inventory). */
@@ -352,6 +358,7 @@ export function createRouting (components: { logger: Logger, node: DhtNode, inde
       node.removeEventListener('peer:connect', onPeerConnect)
       if (timer !== undefined) { clearTimeout(timer); timer = undefined }
       due.clear()
+      failures.clear()
       waiting.clear()
       heap.length = 0
     },
@@ -363,6 +370,7 @@ export function createRouting (components: { logger: Logger, node: DhtNode, inde
         if (!due.has(change.entry.digest)) schedule(change.entry.digest, Date.now() + Math.floor(Math.random() * 200))
       } else if (change.type === 'removed') {
         due.delete(change.digest)
+        failures.delete(change.digest)
         waiting.delete(change.digest)
         const cid = digestCid(change.digest)
         if (cid !== undefined) node.services.dht.cancelReprovide(cid).catch(() => {})
