@@ -452,8 +452,8 @@ export function createMembership (components: MembershipComponents, init: Member
       if (started) return
       started = true
       stopCtl = new AbortController()
-    // Every dial of this component listens on it: dozens at once in a large mesh is expected, not a leak.
-    setMaxListeners(Infinity, stopCtl.signal)
+      // Every dial of this component listens on it: dozens at once in a large mesh is expected, not a leak.
+      setMaxListeners(Infinity, stopCtl.signal)
       node.addEventListener('peer:connect', onPeerConnect)
       node.addEventListener('peer:disconnect', onPeerDisconnect)
       node.addEventListener('connection:open', onConnectionOpen)

@@ -2,57 +2,27 @@
 // local index holds asks the DHT, and is served from the provider's data path instead of the upstream;
 // a stale provider record (the provider removed the blob) costs a 404 and the upstream serves it.
 import { createHash, randomBytes } from 'node:crypto'
-import { mkdtemp, rm } from 'node:fs/promises'
-import { tmpdir } from 'node:os'
-import { join } from 'node:path'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { buildConfig, type RawSettings } from '../../src/config.js'
-import { createDaemon, type Daemon } from '../../src/daemon.js'
-import { createLogger } from '../../src/logger.js'
+import type { Daemon } from '../../src/daemon.js'
 import { parseDigest } from '../../src/oci/digest.js'
 import type { MeshNode } from '../../src/mesh/index.js'
 import { startFaultUpstream, type FaultUpstream } from '../helpers/fault-upstream.js'
 import { simpleRequest } from '../helpers/net.js'
+import { loopbackMesh, until as untilFor } from '../helpers/loopback-mesh.js'
 
 const sha = (b: Buffer): string => `sha256:${createHash('sha256').update(b).digest('hex')}`
 const UP = 'dht.test'
 
 let up: FaultUpstream
-const dirs: string[] = []
-const nodes: Daemon[] = []
-
-async function node (settings: RawSettings & { bootstrapFrom?: Daemon[] } = {}): Promise<Daemon> {
-  const { bootstrapFrom, ...rest } = settings
-  const dataDir = await mkdtemp(join(tmpdir(), 'pm-dht-'))
-  dirs.push(dataDir)
-  const config = buildConfig({
-    listen: '127.0.0.1:0',
-    dataDir,
-    upstream: [`${UP}=${up.url}`],
-    mdns: false,
-    p2pListen: ['/ip4/127.0.0.1/tcp/0'],
-    peerListen: '127.0.0.1:0',
-    bootstrap: (bootstrapFrom ?? []).flatMap(n => n.mesh()!.multiaddrs().slice(0, 1)),
-    peerTimeout: '2s',
-    upstreamRetries: '1',
-    routing: 'dht',
-    delegate: false,
-    ...rest,
-  }, {})
-  const d = createDaemon(config, { logger: createLogger('silent') })
-  nodes.push(d)
-  await d.start()
-  return d
-}
-
-async function until (what: string, cond: () => boolean | Promise<boolean>, timeoutMs = 30_000): Promise<number> {
-  const t0 = Date.now()
-  while (!(await cond())) {
-    if (Date.now() - t0 > timeoutMs) throw new Error(`timed out waiting for ${what}`)
-    await new Promise(resolve => setTimeout(resolve, 50))
-  }
-  return Date.now() - t0
-}
+const mesh = loopbackMesh({
+  upstreamName: UP,
+  upstreamUrl: () => up.url,
+  dirPrefix: 'pm-dht-',
+  settings: { peerTimeout: '2s', routing: 'dht', delegate: false },
+})
+const { node } = mesh
+/** Polls for up to 30 s: provider records travel through the DHT. */
+const until = async (what: string, cond: () => boolean | Promise<boolean>): Promise<number> => await untilFor(what, cond, 30_000)
 
 const blobGets = (digest: string): number => up.requests.filter(r => r.method === 'GET' && r.path.endsWith(`/blobs/${digest}`)).length
 const getBlob = async (n: Daemon, repo: string, digest: string): Promise<{ status: number, body: Buffer }> =>
@@ -60,9 +30,8 @@ const getBlob = async (n: Daemon, repo: string, digest: string): Promise<{ statu
 
 beforeAll(async () => { up = await startFaultUpstream() })
 afterAll(async () => {
-  await Promise.allSettled(nodes.splice(0).reverse().map(async n => await n.stop()))
+  await mesh.close()
   await up.close()
-  await Promise.all(dirs.map(async d => await rm(d, { recursive: true, force: true })))
 })
 
 describe('daemons with routing dht', () => {
